@@ -1,0 +1,129 @@
+//! A local tansu broker process for the demo and the tests (a Kafka-compatible broker that runs
+//! without a JVM). Production deployments point `kafka.brokers` at a real cluster instead.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+
+pub struct TansuBroker {
+    child: Child,
+    pub port: u16,
+}
+
+/// `tansu` on PATH, else where `cargo install` puts it.
+pub fn tansu_binary() -> Option<PathBuf> {
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join("tansu");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
+    p.is_file().then_some(p)
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl TansuBroker {
+    /// Starts a broker on a free loopback port. `storage` is a tansu storage URL; `None` keeps
+    /// everything in memory.
+    pub fn start(storage: Option<&str>) -> anyhow::Result<Self> {
+        let bin = tansu_binary().context("tansu not found: run scripts/setup.sh --with-broker")?;
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let storage = storage.unwrap_or("memory://tansu/");
+        let log = std::env::var_os("TANSU_LOG")
+            .map(|p| std::fs::File::create(p).map(Stdio::from))
+            .transpose()?
+            .unwrap_or_else(Stdio::null);
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                storage,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start tansu")?;
+        let mut b = Self { child, port };
+        b.wait_ready(Duration::from_secs(30))?;
+        Ok(b)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("tansu exited during start-up: {status}");
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "tansu did not listen on port {} within {timeout:?}",
+            self.port
+        )
+    }
+
+    /// Sends SIGKILL and waits (for restart tests).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TansuBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Creates topics (idempotent: existing ones are fine).
+pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("cannot create admin client")?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, parts)| NewTopic::new(name, *parts, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .context("create_topics")?;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((name, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::debug!(topic = %name, "topic exists")
+            }
+            Err((name, code)) => bail!("cannot create topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! Configuration: built-in defaults < TOML file < `RERANKER_*` env vars < CLI overrides.
+//!
+//! Every struct denies unknown keys so a typo fails at start with the key's name instead of being
+//! silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub model: ModelConfig,
+    pub batch: BatchConfig,
+    pub limits: LimitsConfig,
+    pub flow: FlowConfig,
+    pub output: OutputConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub input_topic: String,
+    pub output_topic: String,
+    pub dlq_topic: String,
+    /// Passed to librdkafka verbatim (SASL, TLS, timeouts, ...); applied to consumer and producer.
+    pub client: BTreeMap<String, String>,
+    /// Consumer-only librdkafka settings, applied after `client`.
+    pub consumer: BTreeMap<String, String>,
+    /// Producer-only librdkafka settings, applied after `client`.
+    pub producer: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptLevel {
+    Disable,
+    Basic,
+    Extended,
+    All,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Directory holding the ONNX file and tokenizer.json (HuggingFace export layout).
+    pub dir: PathBuf,
+    /// ONNX file inside `dir` (e.g. `model_int8.onnx` for the quantized variant).
+    pub file: String,
+    /// Name reported in outputs; defaults to the directory name.
+    pub name: Option<String>,
+    /// Token budget per (query, passage) pair; truncation is longest-first.
+    pub max_length: usize,
+    pub device: Device,
+    pub cuda_device_id: i32,
+    /// ONNX Runtime intra-op threads; 0 means "all cores".
+    pub intra_op_threads: usize,
+    pub optimization: OptLevel,
+    /// Column of `logits` holding the relevance logit (for two-class heads use 1).
+    pub label_index: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_batch_pairs: usize,
+    /// Padded cost: pairs × longest sequence in the batch.
+    pub max_batch_tokens: usize,
+    pub max_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_candidates: usize,
+    pub max_query_bytes: usize,
+    pub max_text_bytes: usize,
+    pub max_event_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowConfig {
+    /// Pairs admitted but not yet produced; past this the consumer pauses its partitions.
+    pub max_inflight_pairs: usize,
+    /// Resume once in-flight pairs fall to this fraction of the high-water mark.
+    pub resume_ratio: f64,
+    /// Bounds librdkafka's prefetch buffer so memory stays bounded while far behind.
+    pub fetch_queue_kbytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Default number of results per event; an event's own `top_n` may lower or raise it up to `max_top_n`.
+    pub top_n: usize,
+    pub max_top_n: usize,
+    /// Copy passage texts into the output (off by default: downstream usually has them).
+    pub include_text: bool,
+    /// Input headers copied onto the output and dead-letter records.
+    pub propagate_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` env-filter syntax; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "reranker".into(),
+            input_topic: "retrieval-results".into(),
+            output_topic: "reranked".into(),
+            dlq_topic: "reranker-dlq".into(),
+            client: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("../shared/models/minilm-l6-ce"),
+            file: "model.onnx".into(),
+            name: None,
+            max_length: 256,
+            device: Device::Cpu,
+            cuda_device_id: 0,
+            intra_op_threads: 0,
+            optimization: OptLevel::All,
+            label_index: 0,
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_pairs: 32,
+            max_batch_tokens: 8192,
+            max_wait_ms: 10,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_candidates: 256,
+            max_query_bytes: 4096,
+            max_text_bytes: 32 * 1024,
+            max_event_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight_pairs: 2048,
+            resume_ratio: 0.5,
+            fetch_queue_kbytes: 16 * 1024,
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            top_n: 10,
+            max_top_n: 1000,
+            include_text: false,
+            propagate_headers: vec!["traceparent".into(), "tracestate".into(), "baggage".into()],
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 20_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Error with the offending key named; figment already says "for key `a.b`".
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    // Not a `source`: the message already says it all, and chained printing would repeat it.
+    #[error("invalid configuration: {0}")]
+    Figment(Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("invalid override `{0}`: expected KEY=VALUE, e.g. batch.max_wait_ms=5")]
+    BadOverride(String),
+}
+
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(e: Box<figment::Error>) -> Self {
+        Self::Figment(e)
+    }
+}
+
+/// Builds the effective configuration. `overrides` are `dotted.key=value` pairs from the CLI; values
+/// are parsed as TOML scalars when possible (so `5` is a number), else taken as strings.
+pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile(path.to_path_buf()));
+        }
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    // `__` separates nesting so that keys containing `_` survive: RERANKER_BATCH__MAX_WAIT_MS.
+    fig = fig.merge(Env::prefixed("RERANKER_").split("__"));
+    for ov in overrides {
+        fig = fig.merge(Toml::string(&override_doc(ov)?));
+    }
+    let mut cfg: Config = fig.extract().map_err(Box::new)?;
+    // librdkafka property names never contain `_`, but env var names cannot contain `.`:
+    // RERANKER_KAFKA__CLIENT__SASL_PASSWORD means `sasl.password`.
+    for map in [
+        &mut cfg.kafka.client,
+        &mut cfg.kafka.consumer,
+        &mut cfg.kafka.producer,
+    ] {
+        *map = std::mem::take(map)
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "."), v))
+            .collect();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `KEY=VALUE` as a one-line TOML document. Dotted keys may quote parts
+/// (`kafka.client."sasl.mechanism"=PLAIN`); a value that is not valid TOML is taken as a string.
+fn override_doc(ov: &str) -> Result<String, ConfigError> {
+    let (key, value) = ov
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride(ov.to_string()))?;
+    let (key, value) = (key.trim(), value.trim());
+    if key.is_empty() {
+        return Err(ConfigError::BadOverride(ov.to_string()));
+    }
+    let doc = format!("{key} = {value}");
+    if toml::from_str::<toml::Table>(&doc).is_ok() {
+        return Ok(doc);
+    }
+    let doc = format!("{key} = {}", toml::Value::String(value.to_string()));
+    toml::from_str::<toml::Table>(&doc)
+        .map(|_| doc)
+        .map_err(|_| ConfigError::BadOverride(ov.to_string()))
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            })
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return bad("kafka.brokers", "must not be empty");
+        }
+        for (key, v) in [
+            ("kafka.group_id", &self.kafka.group_id),
+            ("kafka.input_topic", &self.kafka.input_topic),
+            ("kafka.output_topic", &self.kafka.output_topic),
+            ("kafka.dlq_topic", &self.kafka.dlq_topic),
+        ] {
+            if v.trim().is_empty() {
+                return bad(key, "must not be empty");
+            }
+        }
+        if self.kafka.input_topic == self.kafka.output_topic
+            || self.kafka.input_topic == self.kafka.dlq_topic
+        {
+            return bad(
+                "kafka.input_topic",
+                "must differ from output_topic and dlq_topic (the worker would consume its own output)",
+            );
+        }
+        if !(8..=8192).contains(&self.model.max_length) {
+            return bad("model.max_length", "must be between 8 and 8192");
+        }
+        if self.batch.max_batch_pairs == 0 {
+            return bad("batch.max_batch_pairs", "must be at least 1");
+        }
+        if self.batch.max_batch_tokens < self.model.max_length {
+            return bad(
+                "batch.max_batch_tokens",
+                format!(
+                    "must be at least model.max_length ({}) so one full-length pair fits",
+                    self.model.max_length
+                ),
+            );
+        }
+        if self.flow.max_inflight_pairs < self.batch.max_batch_pairs {
+            return bad(
+                "flow.max_inflight_pairs",
+                "must be at least batch.max_batch_pairs, or batches could never fill",
+            );
+        }
+        if !(0.0..1.0).contains(&self.flow.resume_ratio) {
+            return bad("flow.resume_ratio", "must be in [0, 1)");
+        }
+        if self.limits.max_candidates == 0 {
+            return bad("limits.max_candidates", "must be at least 1");
+        }
+        if self.output.top_n == 0 || self.output.top_n > self.output.max_top_n {
+            return bad("output.top_n", "must be between 1 and output.max_top_n");
+        }
+        for (k, _) in self.kafka.client.iter().chain(&self.kafka.consumer) {
+            if matches!(
+                k.as_str(),
+                "enable.auto.offset.store" | "group.id" | "bootstrap.servers"
+            ) {
+                return bad(
+                    "kafka.client",
+                    format!("`{k}` is managed by the worker (use kafka.brokers / kafka.group_id; offsets are stored only after output is acknowledged)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets replaced, for `reranker config` and start-up logs.
+    pub fn redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        for map in [
+            &mut c.kafka.client,
+            &mut c.kafka.consumer,
+            &mut c.kafka.producer,
+        ] {
+            for (k, v) in map.iter_mut() {
+                if is_secret_key(k) {
+                    *v = "<redacted>".into();
+                }
+            }
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    pub fn model_name(&self) -> String {
+        self.model.name.clone().unwrap_or_else(|| {
+            self.model
+                .dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        })
+    }
+}
+
+pub fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    ["password", "secret", "token", "key.pem", "private", "jaas"]
+        .iter()
+        .any(|s| k.contains(s))
+        || k.ends_with(".key")
+}

@@ -1,0 +1,83 @@
+//! Kafka egress: an idempotent producer for reranked and dead-letter records.
+//!
+//! A record is retried until the broker acknowledges it: the offset of its input is stored only
+//! after that ack, so giving up would either lose the event or stall the partition's commit point.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaConfig;
+
+pub struct OutRecord {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+#[derive(Clone)]
+pub struct Egress {
+    producer: FutureProducer,
+}
+
+pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        // Retries inside librdkafka must not duplicate or reorder records.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    for (key, v) in k.client.iter().chain(&k.producer) {
+        c.set(key, v);
+    }
+    c
+}
+
+impl Egress {
+    pub fn new(k: &KafkaConfig) -> anyhow::Result<Self> {
+        let producer: FutureProducer = producer_config(k)
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))?;
+        Ok(Self { producer })
+    }
+
+    /// Sends until acknowledged, backing off between failed attempts.
+    pub async fn send(&self, rec: &OutRecord) {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+            for (k, v) in &rec.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut fr = FutureRecord::<[u8], [u8]>::to(&rec.topic)
+                .payload(&rec.payload)
+                .headers(headers);
+            if let Some(k) = &rec.key {
+                fr = fr.key(k);
+            }
+            match self.producer.send(fr, Timeout::Never).await {
+                Ok(_) => return,
+                Err((e, _)) => {
+                    attempt += 1;
+                    tracing::warn!(topic = %rec.topic, attempt, error = %e, "produce failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "producer flush did not complete");
+        }
+    }
+}

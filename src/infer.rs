@@ -1,0 +1,419 @@
+//! Inference: one ONNX Runtime session owned by a dedicated thread.
+//!
+//! `Session::run` takes `&mut self` and blocks for the whole batch, so the session lives on its own
+//! OS thread fed through a one-slot channel: the batcher prepares the next batch's tensors while the
+//! current one runs, and the async runtime is never blocked.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor;
+use tokio::sync::mpsc;
+
+use crate::batch::{Batch, CloseReason, PairKey};
+use crate::config::{Device, ModelConfig, OptLevel};
+use crate::tokenize::EncodedPair;
+
+const ORT_VERSION: &str = "1.31.1";
+
+static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Where to find libonnxruntime: `ORT_DYLIB_PATH`, then the set-up script's cache, then the system.
+pub fn ort_library_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("RERANKER_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|c| PathBuf::from(c).join("reranker"))
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/reranker"))
+                })
+        });
+    if let Some(c) = cache {
+        let p = c.join(format!("ort/libonnxruntime.so.{ORT_VERSION}"));
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("libonnxruntime.so")
+}
+
+fn environment() -> anyhow::Result<&'static ort::environment::Environment> {
+    let env = ORT_ENV.get_or_init(|| {
+        let path = ort_library_path();
+        let builder = ort::init_from(&path).map_err(|e| {
+            format!(
+                "cannot load ONNX Runtime from {}: {e} (run scripts/setup.sh or set ORT_DYLIB_PATH)",
+                path.display()
+            )
+        })?;
+        builder
+            .with_name("reranker")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| format!("cannot create ONNX Runtime environment: {e}"))
+    });
+    env.as_ref().map_err(|e| anyhow!("{e}"))
+}
+
+/// What the outputs and `check-model` report about the loaded model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// First 16 hex digits of the ONNX file's SHA-256: pins scores to exact weights.
+    pub revision: String,
+    pub file: PathBuf,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    pub has_token_type_ids: bool,
+    pub num_labels: usize,
+    pub label_index: usize,
+    /// Execution provider actually in use.
+    pub device: &'static str,
+    /// How `relevance` is derived from the logits.
+    pub activation: &'static str,
+}
+
+/// Padded, row-major int64 tensors for one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorBatch {
+    pub rows: usize,
+    pub seq_len: usize,
+    pub input_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub token_type_ids: Vec<i64>,
+}
+
+impl TensorBatch {
+    pub fn from_pairs<'a>(
+        pairs: impl ExactSizeIterator<Item = &'a EncodedPair> + Clone,
+        pad_id: u32,
+    ) -> Self {
+        let rows = pairs.len();
+        let seq_len = pairs.clone().map(|p| p.len()).max().unwrap_or(0);
+        let mut input_ids = vec![pad_id as i64; rows * seq_len];
+        let mut attention_mask = vec![0i64; rows * seq_len];
+        let mut token_type_ids = vec![0i64; rows * seq_len];
+        for (r, p) in pairs.enumerate() {
+            let base = r * seq_len;
+            for (j, (&id, &ty)) in p.ids.iter().zip(&p.type_ids).enumerate() {
+                input_ids[base + j] = id as i64;
+                attention_mask[base + j] = 1;
+                token_type_ids[base + j] = ty as i64;
+            }
+        }
+        Self {
+            rows,
+            seq_len,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+        }
+    }
+}
+
+pub struct Scorer {
+    session: Session,
+    info: ModelInfo,
+}
+
+fn opt_level(o: OptLevel) -> GraphOptimizationLevel {
+    match o {
+        OptLevel::Disable => GraphOptimizationLevel::Disable,
+        OptLevel::Basic => GraphOptimizationLevel::Level1,
+        OptLevel::Extended => GraphOptimizationLevel::Level2,
+        OptLevel::All => GraphOptimizationLevel::All,
+    }
+}
+
+// Builder errors are not Send; keeping the chain inside a function returning `ort::Result` converts
+// them at the boundary.
+fn build_session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    threads: usize,
+    opt: OptLevel,
+    cuda: Option<i32>,
+) -> ort::Result<Session> {
+    let mut b = Session::builder(env)?
+        .with_intra_threads(threads)?
+        .with_inter_threads(1)?
+        .with_optimization_level(opt_level(opt))?;
+    if let Some(device_id) = cuda {
+        b = with_cuda(b, device_id)?;
+    }
+    b.commit_from_file(path)
+}
+
+#[cfg(feature = "cuda")]
+fn with_cuda(
+    b: ort::session::builder::SessionBuilder,
+    device_id: i32,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    // error_on_failure: without it ort quietly runs the model on CPU when CUDA cannot start.
+    Ok(b.with_execution_providers([ort::ep::CUDA::default()
+        .with_device_id(device_id)
+        .build()
+        .error_on_failure()])?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_cuda(
+    _b: ort::session::builder::SessionBuilder,
+    _device_id: i32,
+) -> ort::Result<ort::session::builder::SessionBuilder> {
+    Err(ort::Error::new(
+        "this binary was built without the `cuda` feature (cargo build --features cuda)",
+    ))
+}
+
+pub fn file_revision(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let digest = h.finalize();
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+impl Scorer {
+    pub fn load(cfg: &ModelConfig, name: &str) -> anyhow::Result<Self> {
+        let env = environment()?;
+        let path = cfg.dir.join(&cfg.file);
+        if !path.exists() {
+            bail!(
+                "model file {} does not exist (model.dir / model.file; scripts/setup.sh --model DIR|URL prepares one)",
+                path.display()
+            );
+        }
+        let threads = if cfg.intra_op_threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            cfg.intra_op_threads
+        };
+        let load = |cuda| build_session(env, &path, threads, cfg.optimization, cuda);
+        let (session, device) = match cfg.device {
+            Device::Cpu => (load(None).map_err(|e| anyhow!("{e}"))?, "cpu"),
+            Device::Cuda => (
+                load(Some(cfg.cuda_device_id))
+                    .map_err(|e| anyhow!("device = \"cuda\" but CUDA cannot be used: {e}"))?,
+                "cuda",
+            ),
+            Device::Auto => match load(Some(cfg.cuda_device_id)) {
+                Ok(s) => (s, "cuda"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "device = \"auto\": CUDA unavailable, running on CPU");
+                    (load(None).map_err(|e| anyhow!("{e}"))?, "cpu")
+                }
+            },
+        };
+        let inputs: Vec<String> = session
+            .inputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let outputs: Vec<String> = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        for required in ["input_ids", "attention_mask"] {
+            if !inputs.iter().any(|i| i == required) {
+                bail!(
+                    "model {} has no `{required}` input (inputs: {inputs:?})",
+                    path.display()
+                );
+            }
+        }
+        let has_token_type_ids = inputs.iter().any(|i| i == "token_type_ids");
+        let out = &session.outputs()[0];
+        let num_labels = out
+            .dtype()
+            .tensor_shape()
+            .and_then(|s| s.last().copied())
+            .filter(|&d| d > 0)
+            .map(|d| d as usize)
+            .unwrap_or(1);
+        if cfg.label_index >= num_labels {
+            bail!(
+                "model.label_index = {} but the model has {num_labels} logit column(s)",
+                cfg.label_index
+            );
+        }
+        let info = ModelInfo {
+            name: name.to_string(),
+            revision: file_revision(&path)?,
+            file: path.clone(),
+            inputs,
+            outputs,
+            has_token_type_ids,
+            num_labels,
+            label_index: cfg.label_index,
+            device,
+            activation: if num_labels == 1 {
+                "sigmoid"
+            } else {
+                "softmax"
+            },
+        };
+        Ok(Self { session, info })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// One score per row: the label column's raw logit and its normalised relevance.
+    pub fn score(&mut self, t: &TensorBatch) -> anyhow::Result<Vec<Score>> {
+        if t.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let shape = vec![t.rows as i64, t.seq_len as i64];
+        let mut inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            (
+                "input_ids".into(),
+                Tensor::from_array((shape.clone(), t.input_ids.clone()))?.into(),
+            ),
+            (
+                "attention_mask".into(),
+                Tensor::from_array((shape.clone(), t.attention_mask.clone()))?.into(),
+            ),
+        ];
+        if self.info.has_token_type_ids {
+            inputs.push((
+                "token_type_ids".into(),
+                Tensor::from_array((shape, t.token_type_ids.clone()))?.into(),
+            ));
+        }
+        let outputs = self.session.run(inputs)?;
+        let (oshape, data) = outputs[0].try_extract_tensor::<f32>()?;
+        let cols = if oshape.len() >= 2 {
+            oshape[1] as usize
+        } else {
+            1
+        };
+        if data.len() != t.rows * cols {
+            bail!(
+                "model returned {} values for {} rows × {cols}",
+                data.len(),
+                t.rows
+            );
+        }
+        let li = self.info.label_index;
+        Ok((0..t.rows)
+            .map(|r| {
+                let row = &data[r * cols..(r + 1) * cols];
+                if cols == 1 {
+                    Score {
+                        logit: row[0],
+                        relevance: sigmoid(row[0]),
+                    }
+                } else {
+                    Score {
+                        logit: row[li],
+                        relevance: softmax_at(row, li),
+                    }
+                }
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub logit: f32,
+    pub relevance: f32,
+}
+
+fn softmax_at(row: &[f32], i: usize) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - m).exp()).sum();
+    (row[i] - m).exp() / sum
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// A batch on its way to the model, tensors already built.
+pub struct InferRequest {
+    pub keys: Vec<PairKey>,
+    pub tensors: TensorBatch,
+    pub reason: CloseReason,
+    pub real_tokens: usize,
+    /// When each pair entered the batcher, for queue-wait accounting.
+    pub enqueued: Vec<Instant>,
+}
+
+impl InferRequest {
+    pub fn from_batch(batch: Batch, pad_id: u32) -> Self {
+        let tensors = TensorBatch::from_pairs(batch.pairs.iter().map(|p| &p.pair), pad_id);
+        Self {
+            keys: batch.pairs.iter().map(|p| p.key).collect(),
+            enqueued: batch.pairs.iter().map(|p| p.enqueued).collect(),
+            tensors,
+            reason: batch.reason,
+            real_tokens: batch.real_tokens,
+        }
+    }
+}
+
+pub struct InferResult {
+    pub keys: Vec<PairKey>,
+    pub scores: Result<Vec<Score>, String>,
+    pub started: Instant,
+    pub elapsed: Duration,
+    pub enqueued: Vec<Instant>,
+    pub rows: usize,
+    pub seq_len: usize,
+    pub real_tokens: usize,
+    pub reason: CloseReason,
+}
+
+/// Runs the session on its own thread until the request channel closes.
+pub fn spawn(
+    mut scorer: Scorer,
+    mut rx: mpsc::Receiver<InferRequest>,
+    tx: mpsc::UnboundedSender<InferResult>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("inference".into())
+        .spawn(move || {
+            while let Some(req) = rx.blocking_recv() {
+                let started = Instant::now();
+                let scores = scorer.score(&req.tensors).map_err(|e| e.to_string());
+                let res = InferResult {
+                    keys: req.keys,
+                    scores,
+                    started,
+                    elapsed: started.elapsed(),
+                    enqueued: req.enqueued,
+                    rows: req.tensors.rows,
+                    seq_len: req.tensors.seq_len,
+                    real_tokens: req.real_tokens,
+                    reason: req.reason,
+                };
+                if tx.send(res).is_err() {
+                    break;
+                }
+            }
+        })
+}

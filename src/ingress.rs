@@ -1,0 +1,142 @@
+//! Kafka ingress: one consumer per process (per-partition queues have open bugs upstream), offsets
+//! stored only after output is acknowledged, and a rebalance callback that commits what is done
+//! before partitions move.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::offsets::{OffsetTracker, TopicPartition};
+
+pub type Tracker = Arc<Mutex<OffsetTracker>>;
+
+pub fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, OffsetTracker> {
+    // A panic elsewhere must not take offset tracking down with it; the state stays consistent
+    // because every mutation is a single call.
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Told to the coordinator so it can drop queued work of partitions that moved away.
+#[derive(Debug)]
+pub enum RebalanceNote {
+    Revoked(Vec<TopicPartition>),
+}
+
+pub struct IngressContext {
+    pub tracker: Tracker,
+    pub notes: mpsc::UnboundedSender<RebalanceNote>,
+    /// Bumped on every assignment, so a paused ingress re-pauses partitions it was just given.
+    pub assignments: Arc<AtomicU64>,
+}
+
+impl ClientContext for IngressContext {}
+
+fn tps(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition {
+            topic: e.topic().to_string(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+impl ConsumerContext for IngressContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked = tps(tpl);
+                let mut commit = TopicPartitionList::new();
+                {
+                    let mut t = lock(&self.tracker);
+                    for tp in &revoked {
+                        if let Some(point) = t.revoke(tp) {
+                            let _ = commit.add_partition_offset(
+                                &tp.topic,
+                                tp.partition,
+                                Offset::Offset(point),
+                            );
+                        }
+                    }
+                }
+                // Commit the contiguous done point now: after the revoke this worker may not.
+                if commit.count() > 0 {
+                    match consumer.commit(&commit, CommitMode::Sync) {
+                        Ok(()) => {
+                            tracing::info!(partitions = ?revoked.iter().map(|t| t.partition).collect::<Vec<_>>(), "partitions revoked; committed done offsets")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "commit on revoke failed; the next owner re-processes from the last commit")
+                        }
+                    }
+                } else {
+                    tracing::info!(partitions = ?revoked.iter().map(|t| t.partition).collect::<Vec<_>>(), "partitions revoked");
+                }
+                let _ = self.notes.send(RebalanceNote::Revoked(revoked));
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let assigned = tps(tpl);
+            {
+                let mut t = lock(&self.tracker);
+                for tp in &assigned {
+                    t.assign(tp.clone());
+                }
+            }
+            self.assignments.fetch_add(1, Ordering::SeqCst);
+            tracing::info!(partitions = ?assigned.iter().map(|t| t.partition).collect::<Vec<_>>(), "partitions assigned");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => tracing::debug!(offsets = ?offsets.to_topic_map(), "offsets committed"),
+            Err(e) => tracing::warn!(error = %e, "offset commit failed"),
+        }
+    }
+}
+
+pub fn consumer_config(cfg: &Config) -> ClientConfig {
+    let k = &cfg.kafka;
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers)
+        .set("group.id", &k.group_id)
+        // Stored offsets are committed in the background; only acknowledged work is stored.
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "queued.max.messages.kbytes",
+            cfg.flow.fetch_queue_kbytes.to_string(),
+        );
+    for (key, v) in k.client.iter().chain(&k.consumer) {
+        c.set(key, v);
+    }
+    c
+}
+
+/// Stores commit points; the background auto-commit sends them to the broker.
+pub fn store(consumer: &impl Consumer<IngressContext>, points: &[(TopicPartition, i64)]) {
+    let mut tpl = TopicPartitionList::new();
+    for (tp, off) in points {
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*off));
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        // Raced a revoke: the partition is gone and its point was committed in the callback.
+        tracing::debug!(error = %e, "cannot store offsets");
+    }
+}

@@ -1,0 +1,146 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::watch;
+
+use reranker::config::{self, Config};
+use reranker::pipeline::Worker;
+
+#[derive(Parser)]
+#[command(
+    name = "reranker",
+    version,
+    about = "Kafka streaming cross-encoder reranker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the worker: consume retrieval results, publish reranked top-N.
+    Run(ConfigArgs),
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config(ConfigArgs),
+    /// Start a local broker, feed sample events, run the worker and print what it publishes.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// TOML file; defaults apply when omitted.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (kafka.brokers).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Consumer group (kafka.group_id).
+    #[arg(long)]
+    group_id: Option<String>,
+    /// Model directory (model.dir).
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Any key: --set batch.max_wait_ms=5 (repeatable; wins over file and environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args, Clone)]
+struct DemoArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Extra SciFact queries fed after the built-in examples.
+    #[arg(long, default_value_t = 3)]
+    scifact_events: usize,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config, config::ConfigError> {
+        let mut overrides = Vec::new();
+        if let Some(b) = &self.brokers {
+            overrides.push(format!("kafka.brokers={}", toml_str(b)));
+        }
+        if let Some(g) = &self.group_id {
+            overrides.push(format!("kafka.group_id={}", toml_str(g)));
+        }
+        if let Some(d) = &self.model_dir {
+            overrides.push(format!("model.dir={}", toml_str(&d.to_string_lossy())));
+        }
+        overrides.extend(self.set.iter().cloned());
+        config::load(self.config.as_deref(), &overrides)
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(real_main(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Config(a) => {
+            let cfg = a.load()?;
+            print!("{}", cfg.redacted_toml());
+            Ok(())
+        }
+        Cmd::Run(a) => {
+            let cfg = a.load()?;
+            reranker::telemetry::init(&cfg.log);
+            tracing::info!(config = %cfg.redacted_toml().replace('\n', "; "), "starting");
+            let shutdown = shutdown_signal();
+            let c = cfg.clone();
+            let worker = tokio::task::spawn_blocking(move || Worker::load(c))
+                .await
+                .context("model loading panicked")??;
+            worker.run(shutdown).await?;
+            Ok(())
+        }
+        Cmd::Demo(a) => {
+            let cfg = a.config.load()?;
+            reranker::telemetry::init(&cfg.log);
+            reranker::demo::run(cfg, a.scifact_events).await
+        }
+    }
+}

@@ -1,0 +1,725 @@
+//! Wires the stages: ingress → decode → tokenize → batch → infer → assemble → egress → offsets.
+//!
+//! - The ingress loop (async) consumes, decodes, tokenizes and admits events, and pauses its
+//!   partitions while too many pairs are in flight.
+//! - The coordinator task owns the batcher and the assembler: no locks on the hot path.
+//! - The inference thread owns the ONNX Runtime session.
+//! - Each finished event is produced by its own task, whose acknowledgement completes the event's
+//!   offset; the tracker turns completions into contiguous per-partition commit points.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use tokio::sync::{mpsc, watch};
+
+use crate::assemble::{self, Assembler, CandidateMeta, Completed, EventMeta, ModelRef};
+use crate::batch::{BatchPolicy, Batcher, PairKey, PendingPair};
+use crate::config::Config;
+use crate::decode::{self, ErrorCode};
+use crate::dlq::{self, DlqInput};
+use crate::egress::{Egress, OutRecord};
+use crate::infer::{self, InferRequest, InferResult, ModelInfo, Scorer};
+use crate::ingress::{self, IngressContext, RebalanceNote, Tracker};
+use crate::offsets::{OffsetTracker, Ticket, TopicPartition};
+use crate::tokenize::{EncodedPair, PairTokenizer};
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Counters logged periodically and at exit (and read by tests and the benchmark).
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub events_in: AtomicU64,
+    pub events_out: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub pairs_scored: AtomicU64,
+    pub batches: AtomicU64,
+    pub real_tokens: AtomicU64,
+    pub padded_tokens: AtomicU64,
+    pub inference_us: AtomicU64,
+    pub pauses: AtomicU64,
+    pub resumes: AtomicU64,
+}
+
+impl Stats {
+    pub fn log(&self, what: &str) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let batches = g(&self.batches).max(1) as f64;
+        let real = g(&self.real_tokens).max(1) as f64;
+        tracing::info!(
+            events_in = g(&self.events_in),
+            events_out = g(&self.events_out),
+            dead_letters = g(&self.dead_letters),
+            pairs_scored = g(&self.pairs_scored),
+            batches = g(&self.batches),
+            mean_batch_pairs = g(&self.pairs_scored) as f64 / batches,
+            padding_ratio = g(&self.padded_tokens) as f64 / real,
+            inference_s = g(&self.inference_us) as f64 / 1e6,
+            pauses = g(&self.pauses),
+            resumes = g(&self.resumes),
+            "{what}"
+        );
+    }
+}
+
+/// Flow control shared by ingress, coordinator and produce tasks.
+#[derive(Default)]
+struct Flow {
+    inflight_pairs: AtomicUsize,
+}
+
+/// Messages to the coordinator, on one channel so a revoke is seen after the admissions before it.
+pub enum ToCoordinator {
+    Admit(Box<EventMeta>, Vec<EncodedPair>),
+    Rebalance(RebalanceNote),
+    Drain,
+}
+
+/// What finishing an event needs: produce, then complete its offset.
+#[derive(Clone)]
+struct Finisher {
+    egress: Egress,
+    consumer: Arc<StreamConsumer<IngressContext>>,
+    tracker: Tracker,
+    flow: Arc<Flow>,
+    stats: Arc<Stats>,
+}
+
+impl Finisher {
+    fn finish(&self, rec: OutRecord, ticket: Ticket, pairs: usize, dead_letter: bool) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.egress.send(&rec).await;
+            let point = ingress::lock(&this.tracker).complete(&ticket);
+            if let Some(p) = point {
+                ingress::store(&*this.consumer, &[(ticket.tp.clone(), p)]);
+            }
+            this.flow.inflight_pairs.fetch_sub(pairs, Ordering::SeqCst);
+            let c = if dead_letter {
+                &this.stats.dead_letters
+            } else {
+                &this.stats.events_out
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+}
+
+pub struct Worker {
+    cfg: Config,
+    scorer: Scorer,
+    tokenizer: Arc<PairTokenizer>,
+    pub stats: Arc<Stats>,
+}
+
+impl Worker {
+    /// Loads the model and tokenizer and warms the session up; slow, so done before joining the group.
+    pub fn load(cfg: Config) -> anyhow::Result<Self> {
+        let tokenizer = Arc::new(PairTokenizer::from_file(
+            &cfg.model.dir.join("tokenizer.json"),
+            cfg.model.max_length,
+        )?);
+        let mut scorer = Scorer::load(&cfg.model, &cfg.model_name())?;
+        warm_up(&mut scorer, &tokenizer, &cfg)?;
+        Ok(Self {
+            cfg,
+            scorer,
+            tokenizer,
+            stats: Arc::new(Stats::default()),
+        })
+    }
+
+    pub fn model_info(&self) -> &ModelInfo {
+        self.scorer.info()
+    }
+
+    /// Consumes until `shutdown` resolves, then drains in-flight work within the configured deadline,
+    /// commits, and returns.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<Arc<Stats>> {
+        let Worker {
+            cfg,
+            scorer,
+            tokenizer,
+            stats,
+        } = self;
+        let info = scorer.info().clone();
+        tracing::info!(model = %info.name, revision = %info.revision, device = info.device, "model loaded");
+        let model_ref = ModelRef {
+            name: info.name.clone(),
+            revision: info.revision.clone(),
+            activation: info.activation.to_string(),
+        };
+
+        let tracker: Tracker = Arc::new(std::sync::Mutex::new(OffsetTracker::new()));
+        let (coord_tx, coord_rx) = mpsc::unbounded_channel::<ToCoordinator>();
+        let (note_tx, mut note_rx) = mpsc::unbounded_channel::<RebalanceNote>();
+        let assignments = Arc::new(AtomicU64::new(0));
+        let ctx = IngressContext {
+            tracker: tracker.clone(),
+            notes: note_tx,
+            assignments: assignments.clone(),
+        };
+        let consumer: StreamConsumer<IngressContext> = ingress::consumer_config(&cfg)
+            .create_with_context(ctx)
+            .context("cannot create Kafka consumer")?;
+        let consumer = Arc::new(consumer);
+        consumer
+            .subscribe(&[&cfg.kafka.input_topic])
+            .context("cannot subscribe")?;
+        // Rebalance notes arrive on the consumer's callback; forward them in order with admissions.
+        {
+            let coord_tx = coord_tx.clone();
+            tokio::spawn(async move {
+                while let Some(n) = note_rx.recv().await {
+                    if coord_tx.send(ToCoordinator::Rebalance(n)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+
+        let egress = Egress::new(&cfg.kafka)?;
+        let flow = Arc::new(Flow::default());
+        let finisher = Finisher {
+            egress: egress.clone(),
+            consumer: consumer.clone(),
+            tracker: tracker.clone(),
+            flow: flow.clone(),
+            stats: stats.clone(),
+        };
+
+        let (infer_tx, infer_rx) = mpsc::channel::<InferRequest>(1);
+        let (result_tx, result_rx) = mpsc::unbounded_channel::<InferResult>();
+        let pad_id = tokenizer.pad_id();
+        let infer_thread =
+            infer::spawn(scorer, infer_rx, result_tx).context("cannot start inference thread")?;
+
+        let coordinator = Coordinator {
+            batcher: Batcher::new(BatchPolicy {
+                max_pairs: cfg.batch.max_batch_pairs,
+                max_tokens: cfg.batch.max_batch_tokens,
+                max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
+            }),
+            assembler: Assembler::new(),
+            finisher: finisher.clone(),
+            model: model_ref,
+            output_topic: cfg.kafka.output_topic.clone(),
+            dlq_topic: cfg.kafka.dlq_topic.clone(),
+            pad_id,
+            stats: stats.clone(),
+            idle: Arc::new(AtomicBool::new(true)),
+        };
+        let coord_idle = coordinator.idle.clone();
+        let coord_task = tokio::spawn(coordinator.run(coord_rx, infer_tx, result_rx));
+
+        let stats_task = {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_secs(30));
+                t.tick().await;
+                loop {
+                    t.tick().await;
+                    stats.log("progress");
+                }
+            })
+        };
+
+        let ingress = Ingress {
+            cfg: &cfg,
+            consumer: consumer.clone(),
+            tokenizer,
+            tracker: tracker.clone(),
+            coord_tx: coord_tx.clone(),
+            finisher,
+            flow: flow.clone(),
+            stats: stats.clone(),
+            assignments,
+            next_id: 0,
+        };
+        ingress.run(&mut shutdown).await;
+
+        // Drain: stop fetching, let everything admitted finish, then commit.
+        tracing::info!("shutting down: draining in-flight events");
+        if let Ok(a) = consumer.assignment() {
+            let _ = consumer.pause(&a);
+        }
+        let _ = coord_tx.send(ToCoordinator::Drain);
+        let deadline = Instant::now() + Duration::from_millis(cfg.shutdown.drain_timeout_ms);
+        loop {
+            let pending = ingress::lock(&tracker).in_flight();
+            if pending == 0 && coord_idle.load(Ordering::SeqCst) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(pending, "drain deadline passed; uncommitted events will be re-processed by the next owner");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let points = ingress::lock(&tracker).commit_points();
+        ingress::store(&*consumer, &points);
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last auto-commit is reported as an error too.
+            tracing::debug!(error = %e, "final commit");
+        }
+        egress.flush(Duration::from_secs(5));
+        stats_task.abort();
+        coord_task.abort();
+        drop(coord_tx);
+        consumer.unsubscribe();
+        drop(consumer);
+        // The inference thread ends when the coordinator's sender is dropped with the task.
+        let _ = tokio::task::spawn_blocking(move || infer_thread.join()).await;
+        stats.log("stopped");
+        Ok(stats)
+    }
+}
+
+/// Runs every batch shape the worker will see once, so the first real events do not pay for
+/// ONNX Runtime's lazy allocations and kernel selection.
+fn warm_up(scorer: &mut Scorer, tok: &PairTokenizer, cfg: &Config) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let pair = tok.encode("warm up", "warm up")?;
+    let mut len = 16usize;
+    loop {
+        let l = len.min(cfg.model.max_length);
+        let mut p = pair.clone();
+        p.ids.resize(l, tok.pad_id());
+        p.type_ids.resize(l, 1);
+        let rows = (cfg.batch.max_batch_tokens / l).clamp(1, cfg.batch.max_batch_pairs);
+        let batch: Vec<&EncodedPair> = std::iter::repeat_n(&p, rows).collect();
+        scorer.score(&infer::TensorBatch::from_pairs(
+            batch.into_iter(),
+            tok.pad_id(),
+        ))?;
+        if l >= cfg.model.max_length {
+            break;
+        }
+        len *= 4;
+    }
+    tracing::info!(
+        elapsed_ms = t0.elapsed().as_millis() as u64,
+        "model warmed up"
+    );
+    Ok(())
+}
+
+struct Ingress<'a> {
+    cfg: &'a Config,
+    consumer: Arc<StreamConsumer<IngressContext>>,
+    tokenizer: Arc<PairTokenizer>,
+    tracker: Tracker,
+    coord_tx: mpsc::UnboundedSender<ToCoordinator>,
+    finisher: Finisher,
+    flow: Arc<Flow>,
+    stats: Arc<Stats>,
+    assignments: Arc<AtomicU64>,
+    next_id: u64,
+}
+
+impl Ingress<'_> {
+    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) {
+        let high = self.cfg.flow.max_inflight_pairs;
+        let low = ((high as f64) * self.cfg.flow.resume_ratio) as usize;
+        let mut paused = false;
+        let mut paused_epoch = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let consumer = self.consumer.clone();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                _ = tick.tick(), if paused => {
+                    if self.flow.inflight_pairs.load(Ordering::SeqCst) <= low {
+                        self.set_paused(false);
+                        paused = false;
+                    } else if self.assignments.load(Ordering::SeqCst) != paused_epoch {
+                        // A rebalance handed us partitions while paused: pause those too.
+                        self.set_paused(true);
+                        paused_epoch = self.assignments.load(Ordering::SeqCst);
+                    }
+                }
+                msg = consumer.recv() => match msg {
+                    Ok(m) => self.handle(&m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consume error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+            if !paused && self.flow.inflight_pairs.load(Ordering::SeqCst) >= high {
+                self.set_paused(true);
+                paused = true;
+                paused_epoch = self.assignments.load(Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn set_paused(&self, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let inflight = self.flow.inflight_pairs.load(Ordering::SeqCst);
+        let res = if pause {
+            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+            self.consumer.pause(&assignment)
+        } else {
+            self.stats.resumes.fetch_add(1, Ordering::Relaxed);
+            self.consumer.resume(&assignment)
+        };
+        match res {
+            Ok(()) => tracing::info!(
+                inflight_pairs = inflight,
+                partitions = assignment.count(),
+                "{}",
+                if pause {
+                    "backpressure: partitions paused"
+                } else {
+                    "backpressure: partitions resumed"
+                }
+            ),
+            Err(e) => tracing::warn!(error = %e, pause, "cannot change pause state"),
+        }
+    }
+
+    fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let tp = TopicPartition {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+        };
+        let Some(ticket) = ingress::lock(&self.tracker).register(&tp, m.offset()) else {
+            return; // raced a revoke; the new owner consumes it
+        };
+        self.stats.events_in.fetch_add(1, Ordering::Relaxed);
+        let ts = m.timestamp().to_millis();
+        let now = now_ms();
+        let headers = self.propagated_headers(m);
+        let key = m.key().map(<[u8]>::to_vec);
+        let ev = match decode::decode(m.payload(), &self.cfg.limits, ts, now) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::debug!(
+                    partition = tp.partition,
+                    offset = m.offset(),
+                    code = e.code.as_str(),
+                    "dead-lettering event"
+                );
+                let rec = dlq::render(
+                    &DlqInput {
+                        code: e.code,
+                        message: &e.message,
+                        topic: &tp.topic,
+                        partition: tp.partition,
+                        offset: m.offset(),
+                        timestamp_ms: ts,
+                        key: m.key(),
+                        payload: m.payload(),
+                    },
+                    now,
+                );
+                self.finisher.finish(
+                    OutRecord {
+                        topic: self.cfg.kafka.dlq_topic.clone(),
+                        key,
+                        payload: rec,
+                        headers,
+                    },
+                    ticket,
+                    0,
+                    true,
+                );
+                return;
+            }
+        };
+        let mut pairs = Vec::with_capacity(ev.candidates.len());
+        let mut truncated = 0u32;
+        for c in &ev.candidates {
+            match self.tokenizer.encode(&ev.query, &c.text) {
+                Ok(p) => {
+                    truncated += p.truncated as u32;
+                    pairs.push(p);
+                }
+                Err(e) => {
+                    let rec = dlq::render(
+                        &DlqInput {
+                            code: ErrorCode::InferenceFailed,
+                            message: &format!("candidate {:?}: {e}", c.id),
+                            topic: &tp.topic,
+                            partition: tp.partition,
+                            offset: m.offset(),
+                            timestamp_ms: ts,
+                            key: m.key(),
+                            payload: m.payload(),
+                        },
+                        now,
+                    );
+                    self.finisher.finish(
+                        OutRecord {
+                            topic: self.cfg.kafka.dlq_topic.clone(),
+                            key,
+                            payload: rec,
+                            headers,
+                        },
+                        ticket,
+                        0,
+                        true,
+                    );
+                    return;
+                }
+            }
+        }
+        let include_text = self.cfg.output.include_text;
+        let top_n = ev
+            .top_n
+            .map(|n| n as usize)
+            .unwrap_or(self.cfg.output.top_n)
+            .min(self.cfg.output.max_top_n);
+        let meta = EventMeta {
+            id: self.next_id,
+            ticket,
+            key,
+            headers,
+            request_id: ev.request_id,
+            query: ev.query,
+            candidates: ev
+                .candidates
+                .into_iter()
+                .map(|c| CandidateMeta {
+                    id: c.id,
+                    text: include_text.then_some(c.text),
+                    retriever_score: c.retriever_score,
+                    metadata: c.metadata,
+                })
+                .collect(),
+            top_n,
+            min_score: ev.min_score,
+            received_at: Instant::now(),
+            record_ts_ms: ts,
+            truncated,
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        };
+        self.next_id += 1;
+        self.flow
+            .inflight_pairs
+            .fetch_add(pairs.len(), Ordering::SeqCst);
+        let _ = self
+            .coord_tx
+            .send(ToCoordinator::Admit(Box::new(meta), pairs));
+    }
+
+    fn propagated_headers(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Vec<(String, Vec<u8>)> {
+        let Some(hs) = m.headers() else {
+            return Vec::new();
+        };
+        let want = &self.cfg.output.propagate_headers;
+        hs.iter()
+            .filter(|h| {
+                want.iter()
+                    .any(|w| w == "*" || w.eq_ignore_ascii_case(h.key))
+            })
+            .map(|h| {
+                (
+                    h.key.to_string(),
+                    h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+}
+
+struct Coordinator {
+    batcher: Batcher,
+    assembler: Assembler,
+    finisher: Finisher,
+    model: ModelRef,
+    output_topic: String,
+    dlq_topic: String,
+    pad_id: u32,
+    stats: Arc<Stats>,
+    /// True when nothing waits in the batcher or assembler (read by the shutdown drain).
+    idle: Arc<AtomicBool>,
+}
+
+impl Coordinator {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<ToCoordinator>,
+        infer_tx: mpsc::Sender<InferRequest>,
+        mut results: mpsc::UnboundedReceiver<InferResult>,
+    ) {
+        let mut permit: Option<mpsc::OwnedPermit<InferRequest>> = None;
+        let mut draining = false;
+        loop {
+            // Hand a batch to the model whenever its slot is free and a close condition holds.
+            if permit.is_some() {
+                let batch = if draining {
+                    self.batcher.flush()
+                } else {
+                    self.batcher.poll(Instant::now())
+                };
+                if let (Some(b), Some(p)) = (batch, permit.take()) {
+                    p.send(InferRequest::from_batch(b, self.pad_id));
+                }
+            }
+            self.idle.store(
+                self.batcher.is_empty() && self.assembler.is_empty(),
+                Ordering::SeqCst,
+            );
+            let deadline = self.batcher.deadline();
+            tokio::select! {
+                p = infer_tx.clone().reserve_owned(), if permit.is_none() && !self.batcher.is_empty() => {
+                    match p {
+                        Ok(p) => permit = Some(p),
+                        Err(_) => return, // inference thread gone
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if permit.is_some() && deadline.is_some() && !draining => {}
+                msg = rx.recv() => match msg {
+                    Some(ToCoordinator::Admit(meta, pairs)) => self.admit(*meta, pairs),
+                    Some(ToCoordinator::Rebalance(RebalanceNote::Revoked(tps))) => self.drop_revoked(&tps),
+                    Some(ToCoordinator::Drain) => draining = true,
+                    None => return,
+                },
+                Some(res) = results.recv() => self.on_result(res),
+            }
+        }
+    }
+
+    fn admit(&mut self, meta: EventMeta, pairs: Vec<EncodedPair>) {
+        let now = Instant::now();
+        let id = meta.id;
+        for (i, pair) in pairs.into_iter().enumerate() {
+            self.batcher.push(PendingPair {
+                key: PairKey {
+                    event: id,
+                    index: i as u32,
+                },
+                pair,
+                enqueued: now,
+            });
+        }
+        if let Some(done) = self.assembler.insert(meta) {
+            self.emit(done);
+        }
+    }
+
+    fn on_result(&mut self, res: InferResult) {
+        let s = &self.stats;
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.real_tokens
+            .fetch_add(res.real_tokens as u64, Ordering::Relaxed);
+        s.padded_tokens
+            .fetch_add((res.rows * res.seq_len) as u64, Ordering::Relaxed);
+        s.inference_us
+            .fetch_add(res.elapsed.as_micros() as u64, Ordering::Relaxed);
+        match res.scores {
+            Ok(scores) => {
+                s.pairs_scored
+                    .fetch_add(scores.len() as u64, Ordering::Relaxed);
+                for done in self
+                    .assembler
+                    .record(&res.keys, &scores, res.started, res.elapsed)
+                {
+                    self.emit(done);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, rows = res.rows, seq_len = res.seq_len, "inference failed; dead-lettering the batch's events");
+                let ids: HashSet<u64> = res.keys.iter().map(|k| k.event).collect();
+                for id in ids {
+                    self.batcher.retain(|k| k.event != id);
+                    if let Some(meta) = self.assembler.remove(id) {
+                        self.dead_letter(meta, &e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drop_revoked(&mut self, tps: &[TopicPartition]) {
+        let ids: HashSet<u64> = self
+            .assembler
+            .ids_where(|m| tps.contains(&m.ticket.tp))
+            .into_iter()
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        self.batcher.retain(|k| !ids.contains(&k.event));
+        let mut pairs = 0;
+        for id in &ids {
+            if let Some(m) = self.assembler.remove(*id) {
+                pairs += m.candidates.len();
+            }
+        }
+        self.finisher
+            .flow
+            .inflight_pairs
+            .fetch_sub(pairs, Ordering::SeqCst);
+        tracing::info!(
+            events = ids.len(),
+            pairs,
+            "dropped queued work of revoked partitions"
+        );
+    }
+
+    fn emit(&self, done: Completed) {
+        let payload = assemble::render(&done, &self.model, now_ms());
+        let pairs = done.meta.candidates.len();
+        let m = done.meta;
+        self.finisher.finish(
+            OutRecord {
+                topic: self.output_topic.clone(),
+                key: m.key,
+                payload,
+                headers: m.headers,
+            },
+            m.ticket,
+            pairs,
+            false,
+        );
+    }
+
+    fn dead_letter(&self, m: EventMeta, error: &str) {
+        let rec = dlq::render(
+            &DlqInput {
+                code: ErrorCode::InferenceFailed,
+                message: error,
+                topic: &m.ticket.tp.topic,
+                partition: m.ticket.tp.partition,
+                offset: m.ticket.offset,
+                timestamp_ms: m.record_ts_ms,
+                key: m.key.as_deref(),
+                payload: Some(&m.payload),
+            },
+            now_ms(),
+        );
+        let pairs = m.candidates.len();
+        self.finisher.finish(
+            OutRecord {
+                topic: self.dlq_topic.clone(),
+                key: m.key,
+                payload: rec,
+                headers: m.headers,
+            },
+            m.ticket,
+            pairs,
+            true,
+        );
+    }
+}

@@ -1,0 +1,405 @@
+//! Test harness: a real tansu broker process, the real `reranker` binary as a child process, the
+//! real model, and an independent Python reference scorer.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+
+#[allow(unused_imports)]
+pub use reranker::broker::{create_topics, TansuBroker};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model_dir() -> PathBuf {
+    std::env::var_os("RERANKER_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/models/minilm-l6-ce"))
+}
+
+pub fn scifact_path() -> PathBuf {
+    repo_root().join("../shared/data/scifact/retrieval-top100.jsonl.gz")
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A unique name per test so topics and groups never collide on a shared broker.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    pub group: String,
+}
+
+impl Topics {
+    pub fn new(name: &str) -> Self {
+        Self {
+            input: unique(&format!("{name}-in")),
+            output: unique(&format!("{name}-out")),
+            dlq: unique(&format!("{name}-dlq")),
+            group: unique(&format!("{name}-group")),
+        }
+    }
+
+    pub async fn create(&self, bootstrap: &str, partitions: i32) {
+        create_topics(
+            bootstrap,
+            &[
+                (&self.input, partitions),
+                (&self.output, partitions),
+                (&self.dlq, 1),
+            ],
+        )
+        .await
+        .expect("create topics");
+    }
+}
+
+/// The worker binary running against a broker; killed on drop.
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn worker_cmd(
+    bootstrap: &str,
+    t: &Topics,
+    extra: &[String],
+) -> (Command, tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("worker.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reranker"));
+    cmd.arg("run")
+        .arg("--brokers")
+        .arg(bootstrap)
+        .arg("--group-id")
+        .arg(&t.group)
+        .arg("--model-dir")
+        .arg(model_dir())
+        .args(["--set", &format!("kafka.input_topic=\"{}\"", t.input)])
+        .args(["--set", &format!("kafka.output_topic=\"{}\"", t.output)])
+        .args(["--set", &format!("kafka.dlq_topic=\"{}\"", t.dlq)])
+        .args(["--set", "log.format=\"json\""])
+        // Fast failover for restart tests; tansu honours the group session timeout.
+        .args(["--set", "kafka.consumer.\"session.timeout.ms\"=\"6000\""])
+        .args(["--set", "kafka.consumer.\"heartbeat.interval.ms\"=\"500\""]);
+    for e in extra {
+        cmd.args(["--set", e]);
+    }
+    cmd.env_remove("RUST_LOG").stdout(Stdio::null());
+    (cmd, dir, log)
+}
+
+impl WorkerProc {
+    pub fn spawn(bootstrap: &str, t: &Topics, extra: &[String]) -> Self {
+        let (mut cmd, dir, log) = worker_cmd(bootstrap, t, extra);
+        let f = std::fs::File::create(&log).expect("log file");
+        cmd.stderr(Stdio::from(f));
+        let child = cmd.spawn().expect("spawn reranker");
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log_lines(&self) -> Vec<Value> {
+        let Ok(f) = std::fs::File::open(&self.log) else {
+            return Vec::new();
+        };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Lines whose message equals `msg`.
+    pub fn logged(&self, msg: &str) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|v| v["message"].as_str() == Some(msg))
+            .collect()
+    }
+
+    pub fn wait_logged(&self, msg: &str, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if !self.logged(msg).is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn rss_kb(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, Vec<u8>>,
+}
+
+impl Record {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(self.payload.as_deref().unwrap_or_default()).expect("JSON payload")
+    }
+
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+}
+
+pub struct Input {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub partition: Option<i32>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Input {
+    pub fn json(key: &str, v: &Value, partition: i32) -> Self {
+        Self {
+            key: Some(key.as_bytes().to_vec()),
+            payload: Some(serde_json::to_vec(v).expect("json")),
+            partition: Some(partition),
+            headers: Vec::new(),
+        }
+    }
+}
+
+pub async fn produce(bootstrap: &str, topic: &str, inputs: &[Input]) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let mut futs = Vec::new();
+    for i in inputs {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in &i.headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut r = FutureRecord::<[u8], [u8]>::to(topic).headers(h);
+        if let Some(k) = &i.key {
+            r = r.key(k);
+        }
+        if let Some(v) = &i.payload {
+            r = r.payload(v);
+        }
+        if let Some(part) = i.partition {
+            r = r.partition(part);
+        }
+        futs.push(p.send(r, Duration::from_secs(30)));
+        if futs.len() >= 500 {
+            for f in futs.drain(..) {
+                f.await.map_err(|(e, _)| e).expect("produce");
+            }
+        }
+    }
+    for f in futs {
+        f.await.map_err(|(e, _)| e).expect("produce");
+    }
+}
+
+/// Reads topics from the beginning (manual assignment, no group) until `done` says so or the
+/// timeout passes.
+pub fn collect(
+    bootstrap: &str,
+    topics: &[&str],
+    timeout: Duration,
+    mut done: impl FnMut(&[Record]) -> bool,
+) -> Vec<Record> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .create()
+        .expect("consumer");
+    c.subscribe(topics).expect("subscribe");
+    let mut out = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout && !done(&out) {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+            Some(Err(e)) => eprintln!("collect: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Count of distinct request ids among output records.
+pub fn distinct_request_ids(recs: &[Record], topic: &str) -> std::collections::HashSet<String> {
+    recs.iter()
+        .filter(|r| r.topic == topic)
+        .filter_map(|r| r.json()["request_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// SciFact retrieval results as input events: `n` events of `k` candidates, cycling through the 300
+/// queries and taking successive candidate windows so events differ.
+pub fn scifact_events(n: usize, k: usize) -> Vec<Value> {
+    let f = std::fs::File::open(scifact_path()).expect("scifact data");
+    let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
+    let rows: Vec<Value> = r
+        .lines()
+        .map(|l| serde_json::from_str(&l.expect("line")).expect("json"))
+        .collect();
+    (0..n)
+        .map(|i| {
+            let row = &rows[i % rows.len()];
+            let window = i / rows.len();
+            let cands: Vec<Value> = row["candidates"]
+                .as_array()
+                .expect("candidates")
+                .iter()
+                .skip(window * k)
+                .take(k)
+                .cloned()
+                .collect();
+            serde_json::json!({
+                "schema_version": 1,
+                "request_id": format!("req-{i}"),
+                "query": row["query"],
+                "candidates": cands,
+                "top_n": 5,
+            })
+        })
+        .collect()
+}
+
+/// Scores pairs with `scripts/reference_score.py` (Python tokenizers + onnxruntime, one pair at a
+/// time, no padding): independent of this crate's tokenizer wrapper, batcher and padding.
+pub fn reference_scores(pairs: &[(String, String)], max_length: usize) -> Vec<f64> {
+    let mut child = Command::new("python3")
+        .arg(repo_root().join("scripts/reference_score.py"))
+        .arg("--model-dir")
+        .arg(model_dir())
+        .arg("--max-length")
+        .arg(max_length.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 reference scorer");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut buf = Vec::new();
+        for (q, p) in pairs {
+            serde_json::to_writer(&mut buf, &serde_json::json!({"query": q, "passage": p}))
+                .expect("json");
+            buf.push(b'\n');
+        }
+        std::thread::spawn(move || stdin.write_all(&buf));
+    }
+    let out = child.wait_with_output().expect("reference scorer");
+    assert!(out.status.success(), "reference scorer failed");
+    out.stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(&l.expect("line")).expect("json");
+            v["logit"].as_f64().expect("logit")
+        })
+        .collect()
+}
+
+pub fn file_exists(p: &Path) -> bool {
+    p.exists()
+}
