@@ -16,6 +16,7 @@ pub struct RetrievalResult {
     pub schema_version: u32,
     pub request_id: String,
     pub query: String,
+    #[serde(deserialize_with = "candidate_objects")]
     pub candidates: Vec<Candidate>,
     #[serde(default)]
     pub top_n: Option<u32>,
@@ -40,6 +41,44 @@ pub struct Candidate {
     /// Kept as raw JSON so it is passed through byte for byte.
     #[serde(default)]
     pub metadata: Option<Box<RawValue>>,
+}
+
+/// serde's derived structs also accept a JSON array of the fields in order; the contract allows
+/// only objects, so a map is required before the derived impl sees the input.
+struct MapOnly<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for MapOnly<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+    }
+}
+
+fn candidate_objects<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Candidate>, D::Error> {
+    struct Obj(Candidate);
+    impl<'de> Deserialize<'de> for Obj {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(MapOnly(std::marker::PhantomData))
+                .map(Obj)
+        }
+    }
+    Ok(Vec::<Obj>::deserialize(d)?
+        .into_iter()
+        .map(|o| o.0)
+        .collect())
+}
+
+fn parse_event(text: &str) -> serde_json::Result<RetrievalResult> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let ev = (&mut de).deserialize_map(MapOnly(std::marker::PhantomData))?;
+    de.end()?;
+    Ok(ev)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -145,7 +184,7 @@ pub fn decode(
             format!("record value is not UTF-8: {e}"),
         )
     })?;
-    let ev: RetrievalResult = serde_json::from_str(text).map_err(|e| {
+    let ev = parse_event(text).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
             Category::Data => err(ErrorCode::SchemaViolation, e.to_string()),
@@ -297,6 +336,11 @@ mod tests {
         assert_eq!(code(b"\xff\xfe{}"), ErrorCode::InvalidUtf8);
         assert_eq!(code(b"{\"schema_version\":"), ErrorCode::InvalidJson);
         assert_eq!(code(b"not json"), ErrorCode::InvalidJson);
+        assert_eq!(code(br#"[1,"r","q",[]]"#), ErrorCode::SchemaViolation);
+        assert_eq!(
+            code(br#"{"schema_version":1,"request_id":"r","query":"q","candidates":[["a","t"]]}"#),
+            ErrorCode::SchemaViolation
+        );
         assert_eq!(
             code(br#"{"schema_version":1,"request_id":"r","query":"q"}"#),
             ErrorCode::SchemaViolation

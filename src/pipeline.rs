@@ -679,6 +679,10 @@ impl Coordinator {
     }
 
     fn emit(&self, done: Completed) {
+        if let Some(bad) = done.scores.iter().find(|s| !s.logit.is_finite()) {
+            let msg = format!("model returned a non-finite score ({})", bad.logit);
+            return self.dead_letter(done.meta, &msg);
+        }
         let payload = assemble::render(&done, &self.model, now_ms());
         let pairs = done.meta.candidates.len();
         let m = done.meta;
