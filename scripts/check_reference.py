@@ -21,7 +21,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--model-dir",
-        default=os.environ.get("RERANKER_MODEL_DIR", os.path.join(REPO, "..", "shared", "models", "minilm-l6-ce")),
+        default=os.environ.get("RERANKER_MODEL__DIR", os.path.join(REPO, "..", "shared", "models", "minilm-l6-ce")),
     )
     ap.add_argument("--tolerance", type=float, default=1e-4)
     args = ap.parse_args()

@@ -7,6 +7,7 @@ set -euo pipefail
 ORT_VERSION=1.31.1
 TANSU_VERSION=0.6.0
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY_TOKENIZERS_VERSION=0.23.2
 CACHE="${RERANKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/reranker}"
 MODEL_SRC="${RERANKER_MODEL_SRC:-$REPO_ROOT/../shared/models/minilm-l6-ce}"
 WITH_BROKER=0 WITH_PYTHON=0 PRINT_ENV=0
@@ -97,10 +98,13 @@ say "model: $MODEL_DIR"
 
 # --- Python packages for the reference scorer (scripts/reference_score.py) ---
 if [ "$WITH_PYTHON" = 1 ]; then
-  if ! python3 -c "import onnxruntime, tokenizers, numpy, jsonschema" 2>/dev/null; then
+  # The Python reference scorer must tokenize with the same core as the Rust `tokenizers` crate
+  # (0.23.2): 0.23.3 gives the odd token of a longest-first split to the other sequence, which
+  # moves the logits of pairs where both sides are truncated.
+  if ! python3 -c "import onnxruntime, tokenizers, numpy, jsonschema; assert tokenizers.__version__ == '$PY_TOKENIZERS_VERSION'" 2>/dev/null; then
     say "installing Python packages"
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-      "onnxruntime==$ORT_VERSION" tokenizers numpy jsonschema >&2
+      "onnxruntime==$ORT_VERSION" "tokenizers==$PY_TOKENIZERS_VERSION" numpy jsonschema >&2
   fi
   say "python: $(python3 -c 'import onnxruntime, tokenizers; print("onnxruntime", onnxruntime.__version__, "tokenizers", tokenizers.__version__)')"
 fi
@@ -127,7 +131,7 @@ if [ "$WITH_BROKER" = 1 ]; then say "tansu: $(command -v tansu)"; fi
 # --- Environment for cargo build/test/run ---
 {
   printf 'export ORT_DYLIB_PATH=%q\n' "$ORT_LIB"
-  printf 'export RERANKER_MODEL_DIR=%q\n' "$MODEL_DIR"
+  printf 'export RERANKER_MODEL__DIR=%q\n' "$MODEL_DIR"
   # shellcheck disable=SC2016  # expanded when env.sh is sourced, not now
   printf 'case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac\n'
 } >"$CACHE/env.sh"

@@ -144,7 +144,11 @@ pub async fn run(mut cfg: Config, scifact: usize) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     worker_task.await??;
+    // Clients first, so nothing reconnects to a broker that is going away.
+    drop(reader);
+    drop(producer);
     drop(broker);
+    eprintln!("done.");
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 
 pub mod assemble;
 pub mod batch;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod decode;

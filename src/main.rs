@@ -26,6 +26,39 @@ enum Cmd {
     Config(ConfigArgs),
     /// Start a local broker, feed sample events, run the worker and print what it publishes.
     Demo(DemoArgs),
+    /// Load a model: print its inputs/outputs and provider, check parity against reference.jsonl
+    /// when present, and measure throughput per batch size.
+    CheckModel(CheckModelArgs),
+    /// Benchmarks. `--model-only`: pairs/s of the bare ONNX Runtime session per batch shape.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct CheckModelArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Model directory (overrides model.dir).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct BenchArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Benchmark the bare session only (no broker).
+    #[arg(long)]
+    model_only: bool,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16,32,64")]
+    batch_sizes: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+    seq_lens: Vec<usize>,
+    /// Seconds of timed runs per shape.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -135,6 +168,43 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("model loading panicked")??;
             worker.run(shutdown).await?;
+            Ok(())
+        }
+        Cmd::CheckModel(a) => {
+            let mut cfg = a.config.load()?;
+            if let Some(m) = a.model {
+                cfg.model.dir = m;
+            }
+            reranker::telemetry::init(&cfg.log);
+            tokio::task::spawn_blocking(move || reranker::bench::check_model(&cfg.model)).await?
+        }
+        Cmd::Bench(a) => {
+            let cfg = a.config.load()?;
+            reranker::telemetry::init(&cfg.log);
+            if !a.model_only {
+                anyhow::bail!("only `reranker bench --model-only` is implemented so far");
+            }
+            let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let mut scorer = reranker::infer::Scorer::load(&cfg.model, &cfg.model_name())?;
+                eprintln!(
+                    "bare ONNX Runtime session: {} on {}, intra-op threads {}",
+                    scorer.info().file.display(),
+                    scorer.info().device,
+                    cfg.model.intra_op_threads
+                );
+                reranker::bench::model_only(
+                    &mut scorer,
+                    &a.batch_sizes,
+                    &a.seq_lens,
+                    std::time::Duration::from_secs_f64(a.seconds),
+                )
+            })
+            .await??;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                reranker::bench::print_table(&rows);
+            }
             Ok(())
         }
         Cmd::Demo(a) => {

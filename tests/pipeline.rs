@@ -127,7 +127,7 @@ fn round_trip_matches_reference_scores() {
 }
 
 fn bad_inputs() -> Vec<(Option<Vec<u8>>, &'static str)> {
-    let long = "x".repeat(5000);
+    let long = "x".repeat(70_000);
     vec![
         (Some(b"{not json".to_vec()), "invalid_json"),
         (Some(vec![0xff, 0xfe, b'{', b'}']), "invalid_utf8"),
@@ -201,7 +201,7 @@ fn bad_events_go_to_the_dead_letter_topic() {
         &t,
         &[
             "limits.max_candidates=8".into(),
-            "limits.max_text_bytes=4096".into(),
+            "limits.max_text_bytes=65536".into(),
             "model.max_length=64".into(),
         ],
     );

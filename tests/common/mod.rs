@@ -22,7 +22,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 pub fn model_dir() -> PathBuf {
-    std::env::var_os("RERANKER_MODEL_DIR")
+    std::env::var_os("RERANKER_MODEL__DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("../shared/models/minilm-l6-ce"))
 }
