@@ -29,6 +29,10 @@ pub struct EventMeta {
     pub received_at: Instant,
     pub record_ts_ms: Option<i64>,
     pub truncated: u32,
+    /// Candidates scored as several windows (`model.long_passages = "chunk_max"`).
+    pub chunked: u32,
+    /// Model inputs for this event: one per candidate, more when passages are windowed.
+    pub pairs: usize,
     /// Source record value, kept only while needed for a dead letter (inference failure).
     pub payload: Vec<u8>,
 }
@@ -59,8 +63,10 @@ pub struct Reranked<'a> {
     pub model: &'a ModelRef,
     /// Candidates scored (before top_n / min_score).
     pub candidates: usize,
-    /// Pairs shortened by longest-first truncation at model.max_length.
+    /// Candidates shortened by longest-first truncation at model.max_length.
     pub truncated: u32,
+    /// Candidates split into overlapping windows and scored as their best window.
+    pub chunked: u32,
     pub timings: Timings,
 }
 
@@ -131,7 +137,7 @@ impl Assembler {
     /// Starts waiting for an event's scores; an event without candidates completes at once.
     pub fn insert(&mut self, meta: EventMeta) -> Option<Completed> {
         let n = meta.candidates.len();
-        if n == 0 {
+        if n == 0 || meta.pairs == 0 {
             return Some(Completed {
                 meta,
                 scores: Vec::new(),
@@ -142,9 +148,9 @@ impl Assembler {
         self.events.insert(
             meta.id,
             Pending {
+                remaining: meta.pairs,
                 meta,
                 scores: vec![None; n],
-                remaining: n,
                 first_start: None,
                 inference: Duration::ZERO,
             },
@@ -168,10 +174,11 @@ impl Assembler {
             let Some(slot) = p.scores.get_mut(k.index as usize) else {
                 continue;
             };
-            if slot.is_none() {
+            // Windows of one passage share a slot: the best one stands for the candidate.
+            if slot.is_none_or(|old| s.logit > old.logit) {
                 *slot = Some(*s);
-                p.remaining -= 1;
             }
+            p.remaining = p.remaining.saturating_sub(1);
             if touched.last() != Some(&k.event) && !touched.contains(&k.event) {
                 touched.push(k.event);
                 p.inference += elapsed;
@@ -262,6 +269,7 @@ pub fn render(c: &Completed, model: &ModelRef, now_ms: i64) -> Vec<u8> {
         model,
         candidates: m.candidates.len(),
         truncated: m.truncated,
+        chunked: m.chunked,
         timings: Timings {
             queue_ms: ms(c.queue),
             inference_ms: ms(c.inference),

@@ -48,6 +48,15 @@ pub enum Device {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LongPassages {
+    /// Longest-first truncation at `max_length` (sentence-transformers' CrossEncoder behaviour).
+    Truncate,
+    /// Overlapping windows of the passage, each paired with the query; the best window's score wins.
+    ChunkMax,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OptLevel {
     Disable,
@@ -74,6 +83,9 @@ pub struct ModelConfig {
     pub optimization: OptLevel,
     /// Column of `logits` holding the relevance logit (for two-class heads use 1).
     pub label_index: usize,
+    pub long_passages: LongPassages,
+    /// Tokens shared by consecutive windows in `chunk_max` mode.
+    pub chunk_overlap: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -165,6 +177,8 @@ impl Default for ModelConfig {
             intra_op_threads: 0,
             optimization: OptLevel::All,
             label_index: 0,
+            long_passages: LongPassages::Truncate,
+            chunk_overlap: 32,
         }
     }
 }

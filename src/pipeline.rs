@@ -79,7 +79,7 @@ struct Flow {
 
 /// Messages to the coordinator, on one channel so a revoke is seen after the admissions before it.
 pub enum ToCoordinator {
-    Admit(Box<EventMeta>, Vec<EncodedPair>),
+    Admit(Box<EventMeta>, Vec<(u32, EncodedPair)>),
     Rebalance(RebalanceNote),
     Drain,
 }
@@ -124,10 +124,10 @@ pub struct Worker {
 impl Worker {
     /// Loads the model and tokenizer and warms the session up; slow, so done before joining the group.
     pub fn load(cfg: Config) -> anyhow::Result<Self> {
-        let tokenizer = Arc::new(PairTokenizer::from_file(
-            &cfg.model.dir.join("tokenizer.json"),
-            cfg.model.max_length,
-        )?);
+        let tokenizer = Arc::new(
+            PairTokenizer::from_file(&cfg.model.dir.join("tokenizer.json"), cfg.model.max_length)?
+                .with_long_passages(cfg.model.long_passages, cfg.model.chunk_overlap)?,
+        );
         let mut scorer = Scorer::load(&cfg.model, &cfg.model_name())?;
         warm_up(&mut scorer, &tokenizer, &cfg)?;
         Ok(Self {
@@ -444,12 +444,13 @@ impl Ingress<'_> {
             }
         };
         let mut pairs = Vec::with_capacity(ev.candidates.len());
-        let mut truncated = 0u32;
-        for c in &ev.candidates {
-            match self.tokenizer.encode(&ev.query, &c.text) {
-                Ok(p) => {
-                    truncated += p.truncated as u32;
-                    pairs.push(p);
+        let (mut truncated, mut chunked) = (0u32, 0u32);
+        for (i, c) in ev.candidates.iter().enumerate() {
+            match self.tokenizer.encode_candidate(&ev.query, &c.text) {
+                Ok(enc) => {
+                    truncated += enc.truncated as u32;
+                    chunked += enc.chunked as u32;
+                    pairs.extend(enc.pairs.into_iter().map(|p| (i as u32, p)));
                 }
                 Err(e) => {
                     let rec = dlq::render(
@@ -508,6 +509,8 @@ impl Ingress<'_> {
             received_at: Instant::now(),
             record_ts_ms: ts,
             truncated,
+            chunked,
+            pairs: pairs.len(),
             payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         };
         self.next_id += 1;
@@ -600,14 +603,14 @@ impl Coordinator {
         }
     }
 
-    fn admit(&mut self, meta: EventMeta, pairs: Vec<EncodedPair>) {
+    fn admit(&mut self, meta: EventMeta, pairs: Vec<(u32, EncodedPair)>) {
         let now = Instant::now();
         let id = meta.id;
-        for (i, pair) in pairs.into_iter().enumerate() {
+        for (candidate, pair) in pairs {
             self.batcher.push(PendingPair {
                 key: PairKey {
                     event: id,
-                    index: i as u32,
+                    index: candidate,
                 },
                 pair,
                 enqueued: now,
@@ -664,7 +667,7 @@ impl Coordinator {
         let mut pairs = 0;
         for id in &ids {
             if let Some(m) = self.assembler.remove(*id) {
-                pairs += m.candidates.len();
+                pairs += m.pairs;
             }
         }
         self.finisher
@@ -684,7 +687,7 @@ impl Coordinator {
             return self.dead_letter(done.meta, &msg);
         }
         let payload = assemble::render(&done, &self.model, now_ms());
-        let pairs = done.meta.candidates.len();
+        let pairs = done.meta.pairs;
         let m = done.meta;
         self.finisher.finish(
             OutRecord {
@@ -713,7 +716,7 @@ impl Coordinator {
             },
             now_ms(),
         );
-        let pairs = m.candidates.len();
+        let pairs = m.pairs;
         self.finisher.finish(
             OutRecord {
                 topic: self.dlq_topic.clone(),

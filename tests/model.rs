@@ -131,3 +131,85 @@ fn missing_model_files_fail_with_a_clear_message() {
         "{err}"
     );
 }
+
+#[test]
+fn chunk_max_windows_cover_long_passages() {
+    use reranker::config::LongPassages;
+    let path = common::model_dir().join("tokenizer.json");
+    let max_length = 64;
+    let chunker = PairTokenizer::from_file(&path, max_length)
+        .unwrap()
+        .with_long_passages(LongPassages::ChunkMax, 16)
+        .unwrap();
+    let truncating = PairTokenizer::from_file(&path, max_length).unwrap();
+    let query = "which film has two friends driving to aspen";
+    let filler =
+        "The committee reviewed the annual budget and discussed parking arrangements at length. "
+            .repeat(12);
+    let passage = format!(
+        "{filler}Dumb and Dumber: two dim-witted best friends drive across the country to Aspen."
+    );
+
+    let c = chunker.encode_candidate(query, &passage).unwrap();
+    assert!(c.chunked && !c.truncated);
+    assert!(c.pairs.len() >= 3, "{} windows", c.pairs.len());
+    let q = truncating.encode(query, "x").unwrap();
+    let q_len = q.type_ids.iter().take_while(|&&t| t == 0).count(); // [CLS] query [SEP]
+    for w in &c.pairs {
+        assert!(w.len() <= max_length);
+        assert_eq!(
+            w.ids[..q_len],
+            q.ids[..q_len],
+            "every window starts with the query"
+        );
+        assert_eq!(w.ids.len(), w.type_ids.len());
+    }
+    // The windows' passage parts, minus the overlaps, are exactly the passage's tokens.
+    let full = chunker.encode_candidate(query, "").unwrap().pairs[0].clone();
+    assert_eq!(full.len(), q_len + 1, "empty passage: [CLS] q [SEP] [SEP]");
+    let body = |w: &reranker::tokenize::EncodedPair| w.ids[q_len..w.len() - 1].to_vec();
+    let mut joined = body(&c.pairs[0]);
+    for w in &c.pairs[1..] {
+        let b = body(w);
+        assert_eq!(
+            &joined[joined.len() - 16..],
+            &b[..16],
+            "consecutive windows overlap by 16 tokens"
+        );
+        joined.extend_from_slice(&b[16..]);
+    }
+    let untruncated = PairTokenizer::from_file(&path, 4096)
+        .unwrap()
+        .encode(query, &passage)
+        .unwrap();
+    assert_eq!(joined, untruncated.ids[q_len..untruncated.len() - 1]);
+
+    // A passage that fits in one window is encoded exactly as in truncate mode.
+    let short = chunker
+        .encode_candidate(query, "Dumb and Dumber (1994)")
+        .unwrap();
+    assert!(!short.chunked);
+    assert_eq!(
+        short.pairs,
+        vec![truncating.encode(query, "Dumb and Dumber (1994)").unwrap()]
+    );
+
+    // The answer sits past the first window: the best window scores higher than the truncated pair.
+    let mut scorer = Scorer::load(&model_cfg(max_length), "m").unwrap();
+    let windows = scorer
+        .score(&TensorBatch::from_pairs(c.pairs.iter(), chunker.pad_id()))
+        .unwrap();
+    let best = windows
+        .iter()
+        .map(|s| s.logit)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let t = truncating.encode(query, &passage).unwrap();
+    let truncated = scorer
+        .score(&TensorBatch::from_pairs(std::iter::once(&t), 0))
+        .unwrap()[0]
+        .logit;
+    assert!(
+        best > truncated,
+        "best window {best} vs truncated {truncated}"
+    );
+}

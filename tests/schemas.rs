@@ -736,6 +736,7 @@ fn completed(
     record_ts_ms: Option<i64>,
 ) -> Completed {
     assert_eq!(candidates.len(), scores.len());
+    let n_pairs = candidates.len();
     Completed {
         meta: EventMeta {
             id: 1,
@@ -757,6 +758,8 @@ fn completed(
             received_at: Instant::now(),
             record_ts_ms,
             truncated: 1,
+            chunked: 0,
+            pairs: n_pairs,
             payload: Vec::new(),
         },
         scores,
