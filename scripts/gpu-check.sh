@@ -38,6 +38,7 @@ if [ -z "$BIN" ]; then
   BIN=target/release/reranker
 fi
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 SECONDS_PER_SHAPE="${SECONDS_PER_SHAPE:-1.5}"
 
 bench() { # device, extra env...
