@@ -95,6 +95,30 @@ struct Finisher {
 }
 
 impl Finisher {
+    /// Produces a dead letter in place of the event's output; its offset completes the same way.
+    fn dead_letter(
+        &self,
+        topic: &str,
+        d: &DlqInput<'_>,
+        headers: Vec<(String, Vec<u8>)>,
+        ticket: Ticket,
+        pairs: usize,
+    ) {
+        tracing::debug!(
+            partition = d.partition,
+            offset = d.offset,
+            code = d.code.as_str(),
+            "dead-lettering event"
+        );
+        let rec = OutRecord {
+            topic: topic.to_string(),
+            key: d.key.map(<[u8]>::to_vec),
+            payload: dlq::render(d, now_ms()),
+            headers,
+        };
+        self.finish(rec, ticket, pairs, true);
+    }
+
     fn finish(&self, rec: OutRecord, ticket: Ticket, pairs: usize, dead_letter: bool) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -404,44 +428,10 @@ impl Ingress<'_> {
         };
         self.stats.events_in.fetch_add(1, Ordering::Relaxed);
         let ts = m.timestamp().to_millis();
-        let now = now_ms();
         let headers = self.propagated_headers(m);
-        let key = m.key().map(<[u8]>::to_vec);
-        let ev = match decode::decode(m.payload(), &self.cfg.limits, ts, now) {
+        let ev = match decode::decode(m.payload(), &self.cfg.limits, ts, now_ms()) {
             Ok(ev) => ev,
-            Err(e) => {
-                tracing::debug!(
-                    partition = tp.partition,
-                    offset = m.offset(),
-                    code = e.code.as_str(),
-                    "dead-lettering event"
-                );
-                let rec = dlq::render(
-                    &DlqInput {
-                        code: e.code,
-                        message: &e.message,
-                        topic: &tp.topic,
-                        partition: tp.partition,
-                        offset: m.offset(),
-                        timestamp_ms: ts,
-                        key: m.key(),
-                        payload: m.payload(),
-                    },
-                    now,
-                );
-                self.finisher.finish(
-                    OutRecord {
-                        topic: self.cfg.kafka.dlq_topic.clone(),
-                        key,
-                        payload: rec,
-                        headers,
-                    },
-                    ticket,
-                    0,
-                    true,
-                );
-                return;
-            }
+            Err(e) => return self.reject(m, &tp, ticket, headers, e.code, &e.message),
         };
         let mut pairs = Vec::with_capacity(ev.candidates.len());
         let (mut truncated, mut chunked) = (0u32, 0u32);
@@ -453,34 +443,12 @@ impl Ingress<'_> {
                     pairs.extend(enc.pairs.into_iter().map(|p| (i as u32, p)));
                 }
                 Err(e) => {
-                    let rec = dlq::render(
-                        &DlqInput {
-                            code: ErrorCode::InferenceFailed,
-                            message: &format!("candidate {:?}: {e}", c.id),
-                            topic: &tp.topic,
-                            partition: tp.partition,
-                            offset: m.offset(),
-                            timestamp_ms: ts,
-                            key: m.key(),
-                            payload: m.payload(),
-                        },
-                        now,
-                    );
-                    self.finisher.finish(
-                        OutRecord {
-                            topic: self.cfg.kafka.dlq_topic.clone(),
-                            key,
-                            payload: rec,
-                            headers,
-                        },
-                        ticket,
-                        0,
-                        true,
-                    );
-                    return;
+                    let msg = format!("candidate {:?}: {e}", c.id);
+                    return self.reject(m, &tp, ticket, headers, ErrorCode::InferenceFailed, &msg);
                 }
             }
         }
+        let key = m.key().map(<[u8]>::to_vec);
         let include_text = self.cfg.output.include_text;
         let top_n = ev
             .top_n
@@ -520,6 +488,29 @@ impl Ingress<'_> {
         let _ = self
             .coord_tx
             .send(ToCoordinator::Admit(Box::new(meta), pairs));
+    }
+
+    fn reject(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        tp: &TopicPartition,
+        ticket: Ticket,
+        headers: Vec<(String, Vec<u8>)>,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        let d = DlqInput {
+            code,
+            message,
+            topic: &tp.topic,
+            partition: tp.partition,
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key(),
+            payload: m.payload(),
+        };
+        self.finisher
+            .dead_letter(&self.cfg.kafka.dlq_topic, &d, headers, ticket, 0);
     }
 
     fn propagated_headers(
@@ -703,30 +694,22 @@ impl Coordinator {
     }
 
     fn dead_letter(&self, m: EventMeta, error: &str) {
-        let rec = dlq::render(
-            &DlqInput {
-                code: ErrorCode::InferenceFailed,
-                message: error,
-                topic: &m.ticket.tp.topic,
-                partition: m.ticket.tp.partition,
-                offset: m.ticket.offset,
-                timestamp_ms: m.record_ts_ms,
-                key: m.key.as_deref(),
-                payload: Some(&m.payload),
-            },
-            now_ms(),
-        );
-        let pairs = m.pairs;
-        self.finisher.finish(
-            OutRecord {
-                topic: self.dlq_topic.clone(),
-                key: m.key,
-                payload: rec,
-                headers: m.headers,
-            },
-            m.ticket,
-            pairs,
-            true,
+        let d = DlqInput {
+            code: ErrorCode::InferenceFailed,
+            message: error,
+            topic: &m.ticket.tp.topic,
+            partition: m.ticket.tp.partition,
+            offset: m.ticket.offset,
+            timestamp_ms: m.record_ts_ms,
+            key: m.key.as_deref(),
+            payload: Some(&m.payload),
+        };
+        self.finisher.dead_letter(
+            &self.dlq_topic,
+            &d,
+            m.headers.clone(),
+            m.ticket.clone(),
+            m.pairs,
         );
     }
 }

@@ -32,21 +32,15 @@ fn assert_sorted_and_ranked(out: &Value, k: usize) {
 /// keyed like its input, and every score matches the reference scorer run pair by pair.
 #[test]
 fn round_trip_matches_reference_scores() {
-    let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
-    let bs = broker.bootstrap();
-    let t = Topics::new("roundtrip");
-    rt.block_on(t.create(&bs, 4));
-
     // Short sequences keep 10,000 pairs within CI time on 2 cores; parity does not depend on length.
     let max_length = 32;
     let events = scifact_events(500, 20);
-    let inputs: Vec<Input> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("key-{i}"), e, (i % 4) as i32))
-        .collect();
-    rt.block_on(produce(&bs, &t.input, &inputs));
+    let Backlog {
+        bootstrap: bs,
+        topics: t,
+        broker: _broker,
+        ..
+    } = backlog("roundtrip", 4, &events);
 
     let max_pairs = 32;
     let mut w = WorkerProc::spawn(
@@ -252,18 +246,13 @@ fn bad_events_go_to_the_dead_letter_topic() {
 /// SIGKILL mid-stream, start again: every input has an output (duplicates allowed, none missing).
 #[test]
 fn restart_after_sigkill_loses_nothing() {
-    let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
-    let bs = broker.bootstrap();
-    let t = Topics::new("restart");
-    rt.block_on(t.create(&bs, 4));
     let events = scifact_events(400, 8);
-    let inputs: Vec<Input> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 4) as i32))
-        .collect();
-    rt.block_on(produce(&bs, &t.input, &inputs));
+    let Backlog {
+        bootstrap: bs,
+        topics: t,
+        broker: _broker,
+        ..
+    } = backlog("restart", 4, &events);
     let args = ["model.max_length=32".to_string()];
     let mut first = WorkerProc::spawn(&bs, &t, &args);
     // Kill it once part of the stream is out.
@@ -294,18 +283,13 @@ fn restart_after_sigkill_loses_nothing() {
 /// SIGTERM drains and commits: a successor in the same group re-emits nothing already done.
 #[test]
 fn sigterm_drains_commits_and_exits_zero() {
-    let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
-    let bs = broker.bootstrap();
-    let t = Topics::new("drain");
-    rt.block_on(t.create(&bs, 2));
     let events = scifact_events(60, 4);
-    let inputs: Vec<Input> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 2) as i32))
-        .collect();
-    rt.block_on(produce(&bs, &t.input, &inputs));
+    let Backlog {
+        bootstrap: bs,
+        topics: t,
+        broker: _broker,
+        ..
+    } = backlog("drain", 2, &events);
     let args = ["model.max_length=32".to_string()];
     let mut w = WorkerProc::spawn(&bs, &t, &args);
     let recs = collect(&bs, &[&t.output], Duration::from_secs(300), |r| {
@@ -339,18 +323,13 @@ fn sigterm_drains_commits_and_exits_zero() {
 /// its memory stays bounded, and every event is still processed.
 #[test]
 fn backpressure_pauses_and_bounds_memory() {
-    let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
-    let bs = broker.bootstrap();
-    let t = Topics::new("backpressure");
-    rt.block_on(t.create(&bs, 4));
     let events = scifact_events(600, 10);
-    let inputs: Vec<Input> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 4) as i32))
-        .collect();
-    rt.block_on(produce(&bs, &t.input, &inputs));
+    let Backlog {
+        bootstrap: bs,
+        topics: t,
+        broker: _broker,
+        ..
+    } = backlog("backpressure", 4, &events);
     let w = WorkerProc::spawn(
         &bs,
         &t,

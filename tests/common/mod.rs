@@ -403,3 +403,32 @@ pub fn reference_scores(pairs: &[(String, String)], max_length: usize) -> Vec<f6
 pub fn file_exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// A broker with fresh topics whose input already holds `events`, spread round-robin over the
+/// partitions and keyed `k{i}`.
+pub struct Backlog {
+    pub rt: tokio::runtime::Runtime,
+    pub broker: TansuBroker,
+    pub bootstrap: String,
+    pub topics: Topics,
+}
+
+pub fn backlog(name: &str, partitions: i32, events: &[Value]) -> Backlog {
+    let rt = rt();
+    let broker = TansuBroker::start(None).expect("broker");
+    let bootstrap = broker.bootstrap();
+    let topics = Topics::new(name);
+    rt.block_on(topics.create(&bootstrap, partitions));
+    let inputs: Vec<Input> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Input::json(&format!("k{i}"), e, i as i32 % partitions))
+        .collect();
+    rt.block_on(produce(&bootstrap, &topics.input, &inputs));
+    Backlog {
+        rt,
+        broker,
+        bootstrap,
+        topics,
+    }
+}
