@@ -235,3 +235,288 @@ pub fn check_model(cfg: &ModelConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Options of the end-to-end benchmark.
+pub struct E2eOptions {
+    pub events: usize,
+    pub candidates: usize,
+    /// Events per second; 0 produces the whole backlog at once (throughput mode).
+    pub rate: f64,
+    pub partitions: i32,
+    /// Use this broker instead of starting a local tansu.
+    pub brokers: Option<String>,
+    pub data: std::path::PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct E2eReport {
+    pub events: usize,
+    pub pairs: usize,
+    pub max_length: usize,
+    pub max_batch_pairs: usize,
+    pub offered_rate_events_per_s: Option<f64>,
+    /// First produce to last output, start-up included.
+    pub wall_s: f64,
+    /// Steady state: pairs after the first output ÷ time from first to last output.
+    pub e2e_pairs_per_s: f64,
+    pub e2e_events_per_s: f64,
+    /// Input produce time → output consumed, milliseconds.
+    pub latency_ms: Percentiles,
+    pub batches: u64,
+    pub mean_batch_pairs: f64,
+    /// Padded tokens computed ÷ real tokens.
+    pub padding_ratio: f64,
+    /// Mean wall time of one inference batch.
+    pub mean_batch_inference_ms: f64,
+    pub peak_rss_mb: f64,
+    /// The same pairs scored by the bare session in ideal batches (sorted by length, full).
+    pub bare_pairs_per_s: f64,
+    /// End-to-end pairs/s ÷ bare pairs/s.
+    pub efficiency: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    };
+    Percentiles {
+        p50: at(0.50),
+        p95: at(0.95),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Produces retrieval events to a broker, runs the worker in this process, reads every output,
+/// then scores the same pairs with the bare session: both figures come from one run on one machine.
+pub async fn end_to_end(
+    mut cfg: crate::config::Config,
+    opt: E2eOptions,
+) -> anyhow::Result<E2eReport> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let events = crate::demo::scifact_events(&opt.data, opt.events, opt.candidates, 10, "bench-")?;
+    let pairs_total: usize = events
+        .iter()
+        .map(|e| e["candidates"].as_array().map_or(0, Vec::len))
+        .sum();
+    let _broker = match &opt.brokers {
+        Some(b) => {
+            cfg.kafka.brokers = b.clone();
+            None
+        }
+        None => {
+            let b = crate::broker::TansuBroker::start(None)?;
+            cfg.kafka.brokers = b.bootstrap();
+            Some(b)
+        }
+    };
+    let run_id = format!("{}-{}", std::process::id(), crate::pipeline::now_ms());
+    cfg.kafka.input_topic = format!("bench-in-{run_id}");
+    cfg.kafka.output_topic = format!("bench-out-{run_id}");
+    cfg.kafka.dlq_topic = format!("bench-dlq-{run_id}");
+    cfg.kafka.group_id = format!("bench-{run_id}");
+    crate::broker::create_topics(
+        &cfg.kafka.brokers,
+        &[
+            (&cfg.kafka.input_topic, opt.partitions),
+            (&cfg.kafka.output_topic, opt.partitions),
+            (&cfg.kafka.dlq_topic, 1),
+        ],
+    )
+    .await?;
+
+    eprintln!("loading and warming the model…");
+    let c = cfg.clone();
+    let worker = tokio::task::spawn_blocking(move || crate::pipeline::Worker::load(c)).await??;
+    let stats = worker.stats.clone();
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", format!("bench-reader-{run_id}"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    reader.subscribe(&[&cfg.kafka.output_topic, &cfg.kafka.dlq_topic])?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker_task = tokio::spawn(worker.run(stop_rx));
+
+    // Produce (all at once, or paced) while recording each event's send time.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("linger.ms", "2")
+        .create()?;
+    let sent: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>> = Default::default();
+    let t0 = Instant::now();
+    let producing = {
+        let (producer, sent, topic) = (
+            producer.clone(),
+            sent.clone(),
+            cfg.kafka.input_topic.clone(),
+        );
+        let rate = opt.rate;
+        tokio::spawn(async move {
+            let mut tick =
+                (rate > 0.0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
+            let mut pending = Vec::new();
+            for ev in events {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let id = ev["request_id"].as_str().unwrap_or_default().to_string();
+                let payload = serde_json::to_vec(&ev)?;
+                sent.lock()
+                    .map_err(|_| anyhow::anyhow!("lock"))?
+                    .insert(id.clone(), crate::pipeline::now_ms());
+                let fut = producer.send_result(FutureRecord::to(&topic).key(&id).payload(&payload));
+                let fut = fut.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+                pending.push(fut);
+            }
+            for f in pending {
+                f.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    let mut latencies = Vec::with_capacity(opt.events);
+    let mut last = t0;
+    let mut first: Option<(Instant, usize)> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    while latencies.len() < opt.events {
+        let msg = tokio::time::timeout_at(deadline, reader.recv())
+            .await
+            .context("benchmark timed out")??;
+        let now = crate::pipeline::now_ms();
+        last = Instant::now();
+        anyhow::ensure!(
+            msg.topic() == cfg.kafka.output_topic,
+            "an event was dead-lettered"
+        );
+        let v: serde_json::Value = serde_json::from_slice(msg.payload().unwrap_or_default())?;
+        let id = v["request_id"].as_str().unwrap_or_default();
+        first.get_or_insert((last, v["candidates"].as_u64().unwrap_or(0) as usize));
+        if let Some(at) = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.get(id) {
+            latencies.push((now - at) as f64);
+        }
+        if latencies.len() % 50 == 0 {
+            eprintln!("  {} / {} events reranked", latencies.len(), opt.events);
+        }
+    }
+    producing.await??;
+    let wall = last.duration_since(t0).as_secs_f64();
+    let _ = stop_tx.send(true);
+    worker_task.await??;
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (batches, scored) = (g(&stats.batches), g(&stats.pairs_scored));
+    let padding_ratio = g(&stats.padded_tokens) as f64 / g(&stats.real_tokens).max(1) as f64;
+    let mean_batch_inference_ms = g(&stats.inference_us) as f64 / 1e3 / batches.max(1) as f64;
+
+    eprintln!("scoring the same pairs with the bare session…");
+    let bare = bare_pairs_per_s(&cfg, &opt)?;
+    // Steady state, first output to last: group join and model start-up are not throughput.
+    let e2e = match first {
+        Some((t, n)) if last > t => (pairs_total - n) as f64 / last.duration_since(t).as_secs_f64(),
+        _ => pairs_total as f64 / wall,
+    };
+    Ok(E2eReport {
+        events: opt.events,
+        pairs: pairs_total,
+        max_length: cfg.model.max_length,
+        max_batch_pairs: cfg.batch.max_batch_pairs,
+        offered_rate_events_per_s: (opt.rate > 0.0).then_some(opt.rate),
+        wall_s: wall,
+        e2e_pairs_per_s: e2e,
+        e2e_events_per_s: e2e * opt.events as f64 / pairs_total.max(1) as f64,
+        latency_ms: percentiles(latencies),
+        batches,
+        mean_batch_pairs: scored as f64 / batches.max(1) as f64,
+        padding_ratio,
+        mean_batch_inference_ms,
+        peak_rss_mb: peak_rss_mb(),
+        bare_pairs_per_s: bare,
+        efficiency: e2e / bare,
+    })
+}
+
+/// The ceiling: the benchmark's own pairs, tokenized beforehand (not timed), sorted by length and
+/// cut into full batches within the same budgets, scored back to back.
+fn bare_pairs_per_s(cfg: &crate::config::Config, opt: &E2eOptions) -> anyhow::Result<f64> {
+    let events = crate::demo::scifact_events(&opt.data, opt.events, opt.candidates, 10, "bench-")?;
+    let tok =
+        PairTokenizer::from_file(&cfg.model.dir.join("tokenizer.json"), cfg.model.max_length)?;
+    let mut pairs = Vec::new();
+    for e in &events {
+        let q = e["query"].as_str().unwrap_or_default();
+        for c in e["candidates"].as_array().into_iter().flatten() {
+            pairs.push(tok.encode(q, c["text"].as_str().unwrap_or_default())?);
+        }
+    }
+    pairs.sort_by_key(EncodedPair::len);
+    let mut batches: Vec<Vec<&EncodedPair>> = vec![Vec::new()];
+    for p in &pairs {
+        let cur = batches.last_mut().expect("non-empty");
+        let fits = cur.len() < cfg.batch.max_batch_pairs
+            && (cur.len() + 1) * p.len() <= cfg.batch.max_batch_tokens;
+        if fits || cur.is_empty() {
+            cur.push(p);
+        } else {
+            batches.push(vec![p]);
+        }
+    }
+    let tensors: Vec<TensorBatch> = batches
+        .iter()
+        .map(|b| TensorBatch::from_pairs(b.iter().copied(), tok.pad_id()))
+        .collect();
+    let mut scorer = Scorer::load(&cfg.model, &cfg.model_name())?;
+    let t0 = Instant::now();
+    for t in &tensors {
+        scorer.score(t)?;
+    }
+    Ok(pairs.len() as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn print_e2e(r: &E2eReport) {
+    println!(
+        "end-to-end  {:>8.1} pairs/s  {:>7.2} events/s  ({} events, {} pairs, {:.1} s)",
+        r.e2e_pairs_per_s, r.e2e_events_per_s, r.events, r.pairs, r.wall_s
+    );
+    println!(
+        "bare ORT    {:>8.1} pairs/s  (same pairs, ideal full length-sorted batches)",
+        r.bare_pairs_per_s
+    );
+    println!("efficiency  {:>8.3}", r.efficiency);
+    println!(
+        "latency ms  p50 {:.0}  p95 {:.0}  p99 {:.0}  max {:.0}",
+        r.latency_ms.p50, r.latency_ms.p95, r.latency_ms.p99, r.latency_ms.max
+    );
+    println!("batches     {}  mean {:.1} pairs (max {})  padding ratio {:.3}  mean batch inference {:.0} ms", r.batches, r.mean_batch_pairs, r.max_batch_pairs, r.padding_ratio, r.mean_batch_inference_ms);
+    println!("peak RSS    {:.0} MB", r.peak_rss_mb);
+}

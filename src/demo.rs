@@ -36,26 +36,39 @@ pub fn jim_carrey_event() -> Value {
     })
 }
 
-/// Reads SciFact retrieval results as input events, keeping the first-stage top `k`.
-pub fn scifact_events(path: &Path, n: usize, k: usize) -> anyhow::Result<Vec<Value>> {
+/// SciFact retrieval results as input events: `n` events of `k` candidates, cycling through the
+/// queries and taking successive first-stage windows (top 0..k, then k..2k, ...) so that events
+/// differ. Request ids are `{prefix}{i}`.
+pub fn scifact_events(
+    path: &Path,
+    n: usize,
+    k: usize,
+    top_n: usize,
+    prefix: &str,
+) -> anyhow::Result<Vec<Value>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
-    let mut out = Vec::new();
-    for line in r.lines().take(n) {
-        let v: Value = serde_json::from_str(&line?)?;
-        let cands: Vec<Value> = v["candidates"]
-            .as_array()
-            .map(|a| a.iter().take(k).cloned().collect())
-            .unwrap_or_default();
-        out.push(json!({
-            "schema_version": 1,
-            "request_id": format!("scifact-{}", v["query_id"].as_str().map(str::to_string).unwrap_or_else(|| v["query_id"].to_string())),
-            "query": v["query"],
-            "top_n": 3,
-            "candidates": cands,
-        }));
-    }
-    Ok(out)
+    let rows: Vec<Value> = std::io::BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .map(|l| Ok(serde_json::from_str(&l?)?))
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(!rows.is_empty(), "{} holds no queries", path.display());
+    Ok((0..n)
+        .map(|i| {
+            let row = &rows[i % rows.len()];
+            let window = i / rows.len();
+            let cands: Vec<Value> = row["candidates"]
+                .as_array()
+                .map(|a| a.iter().skip(window * k).take(k).cloned().collect())
+                .unwrap_or_default();
+            json!({
+                "schema_version": 1,
+                "request_id": format!("{prefix}{i}"),
+                "query": row["query"],
+                "candidates": cands,
+                "top_n": top_n,
+            })
+        })
+        .collect())
 }
 
 pub async fn run(mut cfg: Config, scifact: usize) -> anyhow::Result<()> {
@@ -73,7 +86,7 @@ pub async fn run(mut cfg: Config, scifact: usize) -> anyhow::Result<()> {
     .await?;
 
     let mut events = vec![jim_carrey_event()];
-    match scifact_events(Path::new(SCIFACT), scifact, 20) {
+    match scifact_events(Path::new(SCIFACT), scifact, 20, 3, "scifact-") {
         Ok(mut s) => events.append(&mut s),
         Err(e) => eprintln!("(skipping SciFact samples: {e:#})"),
     }

@@ -49,6 +49,22 @@ struct BenchArgs {
     /// Benchmark the bare session only (no broker).
     #[arg(long)]
     model_only: bool,
+    /// End-to-end: events to produce (SciFact queries, cycled).
+    #[arg(long, default_value_t = 100)]
+    events: usize,
+    /// End-to-end: candidates per event.
+    #[arg(long, default_value_t = 10)]
+    candidates: usize,
+    /// End-to-end: events per second; 0 = the whole backlog at once (throughput).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// End-to-end: an existing broker (default: start a local tansu).
+    #[arg(long)]
+    bench_brokers: Option<String>,
+    #[arg(long, default_value = reranker::demo::SCIFACT)]
+    data: PathBuf,
     #[arg(long, value_delimiter = ',', default_value = "1,8,16,32,64")]
     batch_sizes: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
@@ -182,7 +198,24 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let cfg = a.config.load()?;
             reranker::telemetry::init(&cfg.log);
             if !a.model_only {
-                anyhow::bail!("only `reranker bench --model-only` is implemented so far");
+                let report = reranker::bench::end_to_end(
+                    cfg,
+                    reranker::bench::E2eOptions {
+                        events: a.events,
+                        candidates: a.candidates,
+                        rate: a.rate,
+                        partitions: a.partitions,
+                        brokers: a.bench_brokers.clone(),
+                        data: a.data.clone(),
+                    },
+                )
+                .await?;
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    reranker::bench::print_e2e(&report);
+                }
+                return Ok(());
             }
             let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let mut scorer = reranker::infer::Scorer::load(&cfg.model, &cfg.model_name())?;

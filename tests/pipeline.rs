@@ -86,7 +86,7 @@ fn round_trip_matches_reference_scores() {
         let n: usize = id.trim_start_matches("req-").parse().unwrap();
         assert_eq!(
             r.key_str(),
-            format!("key-{n}"),
+            format!("k{n}"),
             "output keeps the input key"
         );
         assert_eq!(out["candidates"].as_u64(), Some(20));

@@ -334,36 +334,9 @@ pub fn distinct_request_ids(recs: &[Record], topic: &str) -> std::collections::H
         .collect()
 }
 
-/// SciFact retrieval results as input events: `n` events of `k` candidates, cycling through the 300
-/// queries and taking successive candidate windows so events differ.
+/// SciFact retrieval results as input events (`req-{i}`, top_n 5); see `reranker::demo`.
 pub fn scifact_events(n: usize, k: usize) -> Vec<Value> {
-    let f = std::fs::File::open(scifact_path()).expect("scifact data");
-    let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
-    let rows: Vec<Value> = r
-        .lines()
-        .map(|l| serde_json::from_str(&l.expect("line")).expect("json"))
-        .collect();
-    (0..n)
-        .map(|i| {
-            let row = &rows[i % rows.len()];
-            let window = i / rows.len();
-            let cands: Vec<Value> = row["candidates"]
-                .as_array()
-                .expect("candidates")
-                .iter()
-                .skip(window * k)
-                .take(k)
-                .cloned()
-                .collect();
-            serde_json::json!({
-                "schema_version": 1,
-                "request_id": format!("req-{i}"),
-                "query": row["query"],
-                "candidates": cands,
-                "top_n": 5,
-            })
-        })
-        .collect()
+    reranker::demo::scifact_events(&scifact_path(), n, k, 5, "req-").expect("scifact data")
 }
 
 /// Scores pairs with `scripts/reference_score.py` (Python tokenizers + onnxruntime, one pair at a
