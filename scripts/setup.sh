@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the build, tests and demo need; safe to re-run (each step is skipped when already done).
-#   scripts/setup.sh [--model DIR|URL] [--with-broker] [--with-python] [--print-env]
+#   scripts/setup.sh [--model DIR|URL] [--with-broker] [--with-python] [--with-prometheus] [--with-fuzz] [--print-env]
 # Progress goes to stderr so that `eval "$(scripts/setup.sh --print-env ...)"` sees only the env lines.
 set -euo pipefail
 
@@ -10,7 +10,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY_TOKENIZERS_VERSION=0.23.2
 CACHE="${RERANKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/reranker}"
 MODEL_SRC="${RERANKER_MODEL_SRC:-$REPO_ROOT/../shared/models/minilm-l6-ce}"
-WITH_BROKER=0 WITH_PYTHON=0 PRINT_ENV=0
+WITH_BROKER=0 WITH_PYTHON=0 WITH_PROMETHEUS=0 WITH_FUZZ=0 PRINT_ENV=0
 
 say() { echo "setup: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -21,6 +21,8 @@ while [ $# -gt 0 ]; do
     --model=*) MODEL_SRC="${1#--model=}"; shift ;;
     --with-broker) WITH_BROKER=1; shift ;;
     --with-python) WITH_PYTHON=1; shift ;;
+    --with-prometheus) WITH_PROMETHEUS=1; shift ;;
+    --with-fuzz) WITH_FUZZ=1; shift ;;
     --print-env) PRINT_ENV=1; shift ;;
     -h|--help) sed -n '2,4p' "$0" >&2; exit 0 ;;
     *) die "unknown option: $1" ;;
@@ -41,6 +43,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" </dev/null >&2
+fi
+
+# --- Prometheus server for tests/observability.rs, which runs /usr/bin/prometheus itself on a free
+# loopback port (the Debian service is not used) ---
+if [ "$WITH_PROMETHEUS" = 1 ]; then
+  if [ ! -x /usr/bin/prometheus ]; then
+    say "installing Debian package: prometheus"
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus </dev/null >&2
+  fi
+  [ -x /usr/bin/prometheus ] || die "prometheus is still missing after apt-get install"
+  say "prometheus: $(/usr/bin/prometheus --version 2>&1 | head -n1)"
 fi
 
 # --- ONNX Runtime shared library (ort's load-dynamic feature dlopens it via ORT_DYLIB_PATH) ---
@@ -127,6 +142,15 @@ if [ "$WITH_BROKER" = 1 ] && ! command -v tansu >/dev/null 2>&1; then
   command -v tansu >/dev/null 2>&1 || die "tansu is still not on PATH after cargo install"
 fi
 if [ "$WITH_BROKER" = 1 ]; then say "tansu: $(command -v tansu)"; fi
+
+# --- cargo-fuzz for the bounded decoder fuzz run in scripts/test.sh (a crates.io package) ---
+if [ "$WITH_FUZZ" = 1 ]; then
+  if ! command -v cargo-fuzz >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-fuzz" ]; then
+    say "installing cargo-fuzz (a few minutes, once)"
+    cargo install --locked cargo-fuzz@0.13.2 >&2
+  fi
+  say "cargo-fuzz: $(command -v cargo-fuzz || echo "$HOME/.cargo/bin/cargo-fuzz")"
+fi
 
 # --- Environment for cargo build/test/run ---
 {

@@ -3,7 +3,7 @@
 #   scripts/test.sh [cargo test args...]   e.g. scripts/test.sh --test kafka -- --nocapture
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(bash scripts/setup.sh --with-broker --with-python --print-env)"
+eval "$(bash scripts/setup.sh --with-broker --with-python --with-prometheus --print-env)"
 
 # Tests share one broker and the 2-core machine; run them one at a time unless told otherwise.
 # RUST_TEST_THREADS (not `-- --test-threads=1`) so that it still holds when extra args are passed.

@@ -21,6 +21,7 @@ pub struct Config {
     pub output: OutputConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,6 +38,9 @@ pub struct KafkaConfig {
     pub consumer: BTreeMap<String, String>,
     /// Producer-only librdkafka settings, applied after `client`.
     pub producer: BTreeMap<String, String>,
+    /// librdkafka `statistics.interval.ms` of the consumer: consumer lag per partition and broker
+    /// connection state (read by `/readyz`) are refreshed this often.
+    pub statistics_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -80,6 +84,9 @@ pub struct ModelConfig {
     pub cuda_device_id: i32,
     /// ONNX Runtime intra-op threads; 0 means "all cores".
     pub intra_op_threads: usize,
+    /// Let ONNX Runtime's idle threads spin between ops. Off by default: on small machines the
+    /// spinning takes the cores that tokenization and Kafka need.
+    pub allow_spinning: bool,
     pub optimization: OptLevel,
     /// Column of `logits` holding the relevance logit (for two-class heads use 1).
     pub label_index: usize,
@@ -142,6 +149,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// The HTTP endpoint: `/healthz`, `/readyz` and Prometheus `/metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// `IP:PORT` to listen on; port 0 picks a free one (logged at start).
+    pub listen: String,
+    /// `/readyz` fails once no librdkafka statistics report has shown a connected broker for this
+    /// long; must exceed `kafka.statistics_interval_ms`.
+    pub broker_timeout_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -161,6 +180,7 @@ impl Default for KafkaConfig {
             client: BTreeMap::new(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
+            statistics_interval_ms: 5000,
         }
     }
 }
@@ -175,6 +195,7 @@ impl Default for ModelConfig {
             device: Device::Cpu,
             cuda_device_id: 0,
             intra_op_threads: 0,
+            allow_spinning: false,
             optimization: OptLevel::All,
             label_index: 0,
             long_passages: LongPassages::Truncate,
@@ -229,6 +250,16 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             drain_timeout_ms: 20_000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "0.0.0.0:9464".into(),
+            broker_timeout_ms: 15_000,
         }
     }
 }
@@ -388,6 +419,36 @@ impl Config {
                     format!("`{k}` is managed by the worker (use kafka.brokers / kafka.group_id; offsets are stored only after output is acknowledged)"),
                 );
             }
+            if k == "statistics.interval.ms" {
+                return bad(
+                    "kafka.client",
+                    "`statistics.interval.ms` is managed by the worker (use kafka.statistics_interval_ms)",
+                );
+            }
+        }
+        if !(100..=3_600_000).contains(&self.kafka.statistics_interval_ms) {
+            return bad(
+                "kafka.statistics_interval_ms",
+                "must be between 100 and 3600000 (consumer lag and /readyz rely on it)",
+            );
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "http.listen",
+                format!(
+                    "must be IP:PORT, e.g. \"0.0.0.0:9464\" (got {:?})",
+                    self.http.listen
+                ),
+            );
+        }
+        if self.http.broker_timeout_ms <= self.kafka.statistics_interval_ms {
+            return bad(
+                "http.broker_timeout_ms",
+                format!(
+                    "must exceed kafka.statistics_interval_ms ({}): broker state is refreshed that often",
+                    self.kafka.statistics_interval_ms
+                ),
+            );
         }
         Ok(())
     }

@@ -371,3 +371,30 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    #[test]
+    fn nesting_bombs_fail_cleanly() {
+        let limits = crate::config::LimitsConfig::default();
+        let top = "[".repeat(100_000);
+        let inner = format!(
+            r#"{{"schema_version":1,"request_id":"r","query":"q","candidates":{}"#,
+            "[".repeat(100_000)
+        );
+        let meta = format!(
+            r#"{{"schema_version":1,"request_id":"r","query":"q","candidates":[{{"id":"a","text":"t","metadata":{}}}]}}"#,
+            "{\"a\":".repeat(50_000)
+        );
+        for (doc, want) in [
+            (top, ErrorCode::SchemaViolation),
+            (inner, ErrorCode::SchemaViolation),
+            (meta, ErrorCode::InvalidJson),
+        ] {
+            let e = decode(Some(doc.as_bytes()), &limits, None, 0).unwrap_err();
+            assert_eq!(e.code, want, "{}", e.message);
+        }
+    }
+}

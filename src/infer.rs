@@ -140,12 +140,15 @@ fn build_session(
     env: &ort::environment::Environment,
     path: &Path,
     threads: usize,
+    spinning: bool,
     opt: OptLevel,
     cuda: Option<i32>,
 ) -> ort::Result<Session> {
+    let spin = if spinning { "1" } else { "0" };
     let mut b = Session::builder(env)?
         .with_intra_threads(threads)?
         .with_inter_threads(1)?
+        .with_config_entry("session.intra_op.allow_spinning", spin)?
         .with_optimization_level(opt_level(opt))?;
     if let Some(device_id) = cuda {
         b = with_cuda(b, device_id)?;
@@ -209,7 +212,16 @@ impl Scorer {
         } else {
             cfg.intra_op_threads
         };
-        let load = |cuda| build_session(env, &path, threads, cfg.optimization, cuda);
+        let load = |cuda| {
+            build_session(
+                env,
+                &path,
+                threads,
+                cfg.allow_spinning,
+                cfg.optimization,
+                cuda,
+            )
+        };
         let (session, device) = match cfg.device {
             Device::Cpu => (load(None).map_err(|e| anyhow!("{e}"))?, "cpu"),
             Device::Cuda => (

@@ -12,6 +12,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::metrics::Health;
 use crate::offsets::{OffsetTracker, TopicPartition};
 
 pub type Tracker = Arc<Mutex<OffsetTracker>>;
@@ -33,9 +34,17 @@ pub struct IngressContext {
     pub notes: mpsc::UnboundedSender<RebalanceNote>,
     /// Bumped on every assignment, so a paused ingress re-pauses partitions it was just given.
     pub assignments: Arc<AtomicU64>,
+    /// Assigned partitions, broker reachability and consumer lag for `/readyz` and `/metrics`.
+    pub health: Arc<Health>,
 }
 
-impl ClientContext for IngressContext {}
+impl ClientContext for IngressContext {
+    /// librdkafka statistics (every `kafka.statistics_interval_ms`): consumer lag per owned
+    /// partition and whether any broker connection is up.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.health.on_statistics(&statistics);
+    }
+}
 
 fn tps(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
@@ -85,7 +94,7 @@ impl ConsumerContext for IngressContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = tps(tpl);
             {
@@ -95,14 +104,26 @@ impl ConsumerContext for IngressContext {
                 }
             }
             self.assignments.fetch_add(1, Ordering::SeqCst);
+            // The group coordinator just answered.
+            self.health.broker_seen();
             tracing::info!(partitions = ?assigned.iter().map(|t| t.partition).collect::<Vec<_>>(), "partitions assigned");
         }
+        self.update_assigned(consumer);
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
             Ok(()) => tracing::debug!(offsets = ?offsets.to_topic_map(), "offsets committed"),
             Err(e) => tracing::warn!(error = %e, "offset commit failed"),
+        }
+    }
+}
+
+impl IngressContext {
+    /// Counts the assignment after a rebalance (eager and cooperative protocols alike).
+    fn update_assigned(&self, consumer: &BaseConsumer<Self>) {
+        if let Ok(a) = consumer.assignment() {
+            self.health.set_assigned(a.count());
         }
     }
 }
@@ -119,6 +140,10 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         .set(
             "queued.max.messages.kbytes",
             cfg.flow.fetch_queue_kbytes.to_string(),
+        )
+        .set(
+            "statistics.interval.ms",
+            k.statistics_interval_ms.to_string(),
         );
     for (key, v) in k.client.iter().chain(&k.consumer) {
         c.set(key, v);

@@ -23,8 +23,10 @@ use crate::config::Config;
 use crate::decode::{self, ErrorCode};
 use crate::dlq::{self, DlqInput};
 use crate::egress::{Egress, OutRecord};
+use crate::http;
 use crate::infer::{self, InferRequest, InferResult, ModelInfo, Scorer};
 use crate::ingress::{self, IngressContext, RebalanceNote, Tracker};
+use crate::metrics::{Health, Metrics, ModelLabels};
 use crate::offsets::{OffsetTracker, Ticket, TopicPartition};
 use crate::tokenize::{EncodedPair, PairTokenizer};
 
@@ -84,6 +86,13 @@ pub enum ToCoordinator {
     Drain,
 }
 
+/// How an event ended, for the counters.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Reranked { record_ts_ms: Option<i64> },
+    DeadLetter(ErrorCode),
+}
+
 /// What finishing an event needs: produce, then complete its offset.
 #[derive(Clone)]
 struct Finisher {
@@ -92,6 +101,7 @@ struct Finisher {
     tracker: Tracker,
     flow: Arc<Flow>,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Finisher {
@@ -116,10 +126,10 @@ impl Finisher {
             payload: dlq::render(d, now_ms()),
             headers,
         };
-        self.finish(rec, ticket, pairs, true);
+        self.finish(rec, ticket, pairs, Outcome::DeadLetter(d.code));
     }
 
-    fn finish(&self, rec: OutRecord, ticket: Ticket, pairs: usize, dead_letter: bool) {
+    fn finish(&self, rec: OutRecord, ticket: Ticket, pairs: usize, outcome: Outcome) {
         let this = self.clone();
         tokio::spawn(async move {
             this.egress.send(&rec).await;
@@ -128,12 +138,16 @@ impl Finisher {
                 ingress::store(&*this.consumer, &[(ticket.tp.clone(), p)]);
             }
             this.flow.inflight_pairs.fetch_sub(pairs, Ordering::SeqCst);
-            let c = if dead_letter {
-                &this.stats.dead_letters
-            } else {
-                &this.stats.events_out
-            };
-            c.fetch_add(1, Ordering::Relaxed);
+            match outcome {
+                Outcome::Reranked { record_ts_ms } => {
+                    this.stats.events_out.fetch_add(1, Ordering::Relaxed);
+                    this.metrics.produced(record_ts_ms, now_ms());
+                }
+                Outcome::DeadLetter(code) => {
+                    this.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    this.metrics.dead_lettered(code);
+                }
+            }
         });
     }
 }
@@ -183,6 +197,11 @@ impl Worker {
             activation: info.activation.to_string(),
         };
 
+        let health = Arc::new(Health::new(Duration::from_millis(
+            cfg.http.broker_timeout_ms,
+        )));
+        // Worker::load warmed the session up before `run` could be called.
+        health.set_model_warmed();
         let tracker: Tracker = Arc::new(std::sync::Mutex::new(OffsetTracker::new()));
         let (coord_tx, coord_rx) = mpsc::unbounded_channel::<ToCoordinator>();
         let (note_tx, mut note_rx) = mpsc::unbounded_channel::<RebalanceNote>();
@@ -191,6 +210,7 @@ impl Worker {
             tracker: tracker.clone(),
             notes: note_tx,
             assignments: assignments.clone(),
+            health: health.clone(),
         };
         let consumer: StreamConsumer<IngressContext> = ingress::consumer_config(&cfg)
             .create_with_context(ctx)
@@ -213,12 +233,30 @@ impl Worker {
 
         let egress = Egress::new(&cfg.kafka)?;
         let flow = Arc::new(Flow::default());
+        let metrics = Arc::new(Metrics::new(
+            ModelLabels {
+                name: &info.name,
+                revision: &info.revision,
+                device: info.device,
+            },
+            health.clone(),
+            {
+                let flow = flow.clone();
+                move || flow.inflight_pairs.load(Ordering::Relaxed) as u64
+            },
+        )?);
+        let http_server = if cfg.http.enabled {
+            Some(http::Server::start(&cfg.http.listen, metrics.clone(), health.clone()).await?)
+        } else {
+            None
+        };
         let finisher = Finisher {
             egress: egress.clone(),
             consumer: consumer.clone(),
             tracker: tracker.clone(),
             flow: flow.clone(),
             stats: stats.clone(),
+            metrics: metrics.clone(),
         };
 
         let (infer_tx, infer_rx) = mpsc::channel::<InferRequest>(1);
@@ -240,6 +278,7 @@ impl Worker {
             dlq_topic: cfg.kafka.dlq_topic.clone(),
             pad_id,
             stats: stats.clone(),
+            metrics: metrics.clone(),
             idle: Arc::new(AtomicBool::new(true)),
         };
         let coord_idle = coordinator.idle.clone();
@@ -266,6 +305,8 @@ impl Worker {
             finisher,
             flow: flow.clone(),
             stats: stats.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
             assignments,
             next_id: 0,
         };
@@ -273,6 +314,7 @@ impl Worker {
 
         // Drain: stop fetching, let everything admitted finish, then commit.
         tracing::info!("shutting down: draining in-flight events");
+        health.set_draining();
         if let Ok(a) = consumer.assignment() {
             let _ = consumer.pause(&a);
         }
@@ -303,6 +345,9 @@ impl Worker {
         drop(consumer);
         // The inference thread ends when the coordinator's sender is dropped with the task.
         let _ = tokio::task::spawn_blocking(move || infer_thread.join()).await;
+        if let Some(s) = http_server {
+            s.stop().await;
+        }
         stats.log("stopped");
         Ok(stats)
     }
@@ -346,6 +391,8 @@ struct Ingress<'a> {
     finisher: Finisher,
     flow: Arc<Flow>,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     assignments: Arc<AtomicU64>,
     next_id: u64,
 }
@@ -355,7 +402,7 @@ impl Ingress<'_> {
         let high = self.cfg.flow.max_inflight_pairs;
         let low = ((high as f64) * self.cfg.flow.resume_ratio) as usize;
         let mut paused = false;
-        let mut paused_epoch = 0u64;
+        let mut seen_epoch = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let consumer = self.consumer.clone();
         loop {
@@ -369,10 +416,6 @@ impl Ingress<'_> {
                     if self.flow.inflight_pairs.load(Ordering::SeqCst) <= low {
                         self.set_paused(false);
                         paused = false;
-                    } else if self.assignments.load(Ordering::SeqCst) != paused_epoch {
-                        // A rebalance handed us partitions while paused: pause those too.
-                        self.set_paused(true);
-                        paused_epoch = self.assignments.load(Ordering::SeqCst);
                     }
                 }
                 msg = consumer.recv() => match msg {
@@ -383,11 +426,33 @@ impl Ingress<'_> {
                     }
                 },
             }
+            let epoch = self.assignments.load(Ordering::SeqCst);
+            if epoch != seen_epoch {
+                // librdkafka keeps an application pause on a partition through revoke and
+                // re-assign, and a resume only reaches the partitions owned at that moment: a
+                // partition paused, revoked and given back later would stay paused forever.
+                // State the current pause state for every new assignment.
+                seen_epoch = epoch;
+                self.apply_pause(paused);
+            }
             if !paused && self.flow.inflight_pairs.load(Ordering::SeqCst) >= high {
                 self.set_paused(true);
                 paused = true;
-                paused_epoch = self.assignments.load(Ordering::SeqCst);
             }
+        }
+    }
+
+    fn apply_pause(&self, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let res = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %e, pause, "cannot set the pause state of new partitions");
         }
     }
 
@@ -403,6 +468,9 @@ impl Ingress<'_> {
             self.stats.resumes.fetch_add(1, Ordering::Relaxed);
             self.consumer.resume(&assignment)
         };
+        if res.is_ok() {
+            self.health.set_paused(pause);
+        }
         match res {
             Ok(()) => tracing::info!(
                 inflight_pairs = inflight,
@@ -427,12 +495,14 @@ impl Ingress<'_> {
             return; // raced a revoke; the new owner consumes it
         };
         self.stats.events_in.fetch_add(1, Ordering::Relaxed);
+        self.metrics.events_consumed.add(1, &[]);
         let ts = m.timestamp().to_millis();
         let headers = self.propagated_headers(m);
         let ev = match decode::decode(m.payload(), &self.cfg.limits, ts, now_ms()) {
             Ok(ev) => ev,
             Err(e) => return self.reject(m, &tp, ticket, headers, e.code, &e.message),
         };
+        let tokenize_start = Instant::now();
         let mut pairs = Vec::with_capacity(ev.candidates.len());
         let (mut truncated, mut chunked) = (0u32, 0u32);
         for (i, c) in ev.candidates.iter().enumerate() {
@@ -448,6 +518,9 @@ impl Ingress<'_> {
                 }
             }
         }
+        self.metrics
+            .tokenization
+            .record(tokenize_start.elapsed().as_secs_f64(), &[]);
         let key = m.key().map(<[u8]>::to_vec);
         let include_text = self.cfg.output.include_text;
         let top_n = ev
@@ -545,6 +618,7 @@ struct Coordinator {
     dlq_topic: String,
     pad_id: u32,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
     /// True when nothing waits in the batcher or assembler (read by the shutdown drain).
     idle: Arc<AtomicBool>,
 }
@@ -621,10 +695,19 @@ impl Coordinator {
             .fetch_add((res.rows * res.seq_len) as u64, Ordering::Relaxed);
         s.inference_us
             .fetch_add(res.elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.metrics.batch(
+            res.rows,
+            res.seq_len,
+            res.real_tokens,
+            res.started,
+            res.elapsed,
+            &res.enqueued,
+        );
         match res.scores {
             Ok(scores) => {
                 s.pairs_scored
                     .fetch_add(scores.len() as u64, Ordering::Relaxed);
+                self.metrics.pairs_scored.add(scores.len() as u64, &[]);
                 for done in self
                     .assembler
                     .record(&res.keys, &scores, res.started, res.elapsed)
@@ -679,6 +762,7 @@ impl Coordinator {
         }
         let payload = assemble::render(&done, &self.model, now_ms());
         let pairs = done.meta.pairs;
+        let record_ts_ms = done.meta.record_ts_ms;
         let m = done.meta;
         self.finisher.finish(
             OutRecord {
@@ -689,7 +773,7 @@ impl Coordinator {
             },
             m.ticket,
             pairs,
-            false,
+            Outcome::Reranked { record_ts_ms },
         );
     }
 

@@ -136,6 +136,21 @@ fn errors_name_the_offending_key() {
             "[kafka.client]\n\"enable.auto.offset.store\" = \"true\"\n".into(),
             "enable.auto.offset.store",
         ),
+        ("[http]\nlisten = \"localhost\"\n".into(), "http.listen"),
+        ("[http]\nlisten = \"0.0.0.0:99999\"\n".into(), "http.listen"),
+        ("[http]\nport = 9464\n".into(), "port"),
+        (
+            "[http]\nbroker_timeout_ms = 1000\n".into(),
+            "http.broker_timeout_ms",
+        ),
+        (
+            "[kafka]\nstatistics_interval_ms = 0\n".into(),
+            "kafka.statistics_interval_ms",
+        ),
+        (
+            "[kafka.consumer]\n\"statistics.interval.ms\" = \"100\"\n".into(),
+            "kafka.statistics_interval_ms",
+        ),
     ];
     for (body, key) in cases {
         let file = write(&dir, &body);
@@ -165,4 +180,10 @@ fn the_shipped_config_file_is_valid() {
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/reranker.toml");
     let t = effective(&["config", "--config", file], &[]);
     assert!(get(&t, "kafka.brokers").as_str().is_some());
+    assert_eq!(get(&t, "http.listen").as_str(), Some("0.0.0.0:9464"));
+    assert_eq!(get(&t, "http.enabled").as_bool(), Some(true));
+    assert_eq!(
+        get(&t, "kafka.statistics_interval_ms").as_integer(),
+        Some(5000)
+    );
 }

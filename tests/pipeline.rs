@@ -84,11 +84,7 @@ fn round_trip_matches_reference_scores() {
         assert!(seen.insert(id.clone()), "duplicate output for {id}");
         let input = by_id[&id];
         let n: usize = id.trim_start_matches("req-").parse().unwrap();
-        assert_eq!(
-            r.key_str(),
-            format!("k{n}"),
-            "output keeps the input key"
-        );
+        assert_eq!(r.key_str(), format!("k{n}"), "output keeps the input key");
         assert_eq!(out["candidates"].as_u64(), Some(20));
         assert_eq!(out["results"].as_array().unwrap().len(), 5, "top_n = 5");
         assert_sorted_and_ranked(&out, 5);

@@ -110,7 +110,9 @@ pub fn worker_cmd(
         .args(["--set", "log.format=\"json\""])
         // Fast failover for restart tests; tansu honours the group session timeout.
         .args(["--set", "kafka.consumer.\"session.timeout.ms\"=\"6000\""])
-        .args(["--set", "kafka.consumer.\"heartbeat.interval.ms\"=\"500\""]);
+        .args(["--set", "kafka.consumer.\"heartbeat.interval.ms\"=\"500\""])
+        // Several workers run at once in some tests: a free port each unless a test names one.
+        .args(["--set", "http.listen=\"127.0.0.1:0\""]);
     for e in extra {
         cmd.args(["--set", e]);
     }
