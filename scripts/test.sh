@@ -3,10 +3,21 @@
 #   scripts/test.sh [cargo test args...]   e.g. scripts/test.sh --test kafka -- --nocapture
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(bash scripts/setup.sh --with-broker --with-python --with-prometheus --print-env)"
+eval "$(bash scripts/setup.sh --with-broker --with-python --with-prometheus --with-fuzz --print-env)"
 
 # Tests share one broker and the 2-core machine; run them one at a time unless told otherwise.
 # RUST_TEST_THREADS (not `-- --test-threads=1`) so that it still holds when extra args are passed.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
 cargo build --release --locked --bins
+
+# The decoder reads bytes from anyone: fuzz it for a bounded time (FUZZ_SECONDS=0 skips). Before
+# the tests, so that cargo test's summary stays the last thing printed. cargo-fuzz passes `-Z`
+# flags and only the stable toolchain exists here, hence RUSTC_BOOTSTRAP.
+if [ "${FUZZ_SECONDS:-60}" != 0 ]; then
+  corpus=$(mktemp -d)
+  (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run decode --sanitizer none "$corpus" corpus/decode \
+    -- -max_total_time="${FUZZ_SECONDS:-60}" -print_final_stats=1 2>&1 | tail -n 8)
+  rm -rf "$corpus"
+fi
+
 cargo test --release --locked "$@"
