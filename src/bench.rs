@@ -345,6 +345,8 @@ pub async fn end_to_end(
     cfg.kafka.output_topic = format!("bench-out-{run_id}");
     cfg.kafka.dlq_topic = format!("bench-dlq-{run_id}");
     cfg.kafka.group_id = format!("bench-{run_id}");
+    // A benchmark must not collide with a worker already serving the default metrics port.
+    cfg.http.listen = "127.0.0.1:0".into();
     crate::broker::create_topics(
         &cfg.kafka.brokers,
         &[
