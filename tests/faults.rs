@@ -31,11 +31,17 @@ fn tiny_events(n: usize) -> Vec<Value> {
         .collect()
 }
 
-fn missing(ids: &HashSet<String>, n: usize) -> Vec<String> {
-    (0..n)
+fn assert_nothing_lost(ids: &HashSet<String>, n: usize) {
+    let lost: Vec<String> = (0..n)
         .map(|i| format!("req-{i}"))
         .filter(|id| !ids.contains(id))
-        .collect()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} events without output, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
 }
 
 /// Reads the output topic from the start until every id is present or the timeout passes,
@@ -87,13 +93,7 @@ fn five_sigkills_during_a_20k_event_run_lose_nothing() {
         },
     );
     assert_eq!(kills, 5, "the run ended before five kills");
-    let lost = missing(&ids, n);
-    assert!(
-        lost.is_empty(),
-        "{} events without output, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
+    assert_nothing_lost(&ids, n);
 }
 
 #[test]
@@ -128,13 +128,7 @@ fn scaling_from_one_to_three_workers_and_back_loses_nothing() {
         },
     );
     assert_eq!(phase, 2, "the run ended before scaling back in");
-    let lost = missing(&ids, n);
-    assert!(
-        lost.is_empty(),
-        "{} events without output, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
+    assert_nothing_lost(&ids, n);
     assert!(
         extra
             .iter()
