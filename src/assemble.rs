@@ -126,10 +126,6 @@ impl Assembler {
         Self::default()
     }
 
-    pub fn len(&self) -> usize {
-        self.events.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }

@@ -92,10 +92,6 @@ impl Batcher {
         }
     }
 
-    pub fn policy(&self) -> BatchPolicy {
-        self.policy
-    }
-
     pub fn push(&mut self, p: PendingPair) {
         self.pool.push(p);
     }

@@ -64,10 +64,6 @@ impl OffsetTracker {
         self.parts.remove(tp).and_then(|s| commit_point(&s))
     }
 
-    pub fn is_owned(&self, tp: &TopicPartition) -> bool {
-        self.parts.contains_key(tp)
-    }
-
     /// Registers a consumed offset; `None` if the partition is not assigned (a message that raced a
     /// revoke), which the caller drops: the next owner consumes it again.
     pub fn register(&mut self, tp: &TopicPartition, offset: i64) -> Option<Ticket> {
@@ -109,10 +105,6 @@ impl OffsetTracker {
             .iter()
             .filter_map(|(tp, s)| commit_point(s).map(|p| (tp.clone(), p)))
             .collect()
-    }
-
-    pub fn owned(&self) -> Vec<TopicPartition> {
-        self.parts.keys().cloned().collect()
     }
 }
 

@@ -24,7 +24,7 @@ use crate::decode::{self, ErrorCode};
 use crate::dlq::{self, DlqInput};
 use crate::egress::{Egress, OutRecord};
 use crate::http;
-use crate::infer::{self, InferRequest, InferResult, ModelInfo, Scorer};
+use crate::infer::{self, InferRequest, InferResult, Scorer};
 use crate::ingress::{self, IngressContext, RebalanceNote, Tracker};
 use crate::metrics::{Health, Metrics, ModelLabels};
 use crate::offsets::{OffsetTracker, Ticket, TopicPartition};
@@ -174,10 +174,6 @@ impl Worker {
             tokenizer,
             stats: Arc::new(Stats::default()),
         })
-    }
-
-    pub fn model_info(&self) -> &ModelInfo {
-        self.scorer.info()
     }
 
     /// Consumes until `shutdown` resolves, then drains in-flight work within the configured deadline,

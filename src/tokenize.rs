@@ -141,10 +141,6 @@ impl PairTokenizer {
         self.pad_id
     }
 
-    pub fn max_length(&self) -> usize {
-        self.max_length
-    }
-
     pub fn encode(&self, query: &str, passage: &str) -> anyhow::Result<EncodedPair> {
         let enc = self
             .tok

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -373,10 +373,6 @@ pub fn reference_scores(pairs: &[(String, String)], max_length: usize) -> Vec<f6
             v["logit"].as_f64().expect("logit")
         })
         .collect()
-}
-
-pub fn file_exists(p: &Path) -> bool {
-    p.exists()
 }
 
 /// A broker with fresh topics whose input already holds `events`, spread round-robin over the
