@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the build, tests and demo need; safe to re-run (each step is skipped when already done).
-#   scripts/setup.sh [--model DIR|URL] [--with-broker] [--with-python] [--with-prometheus] [--with-fuzz] [--print-env]
+#   scripts/setup.sh [--model DIR|URL] [--with-broker] [--with-python] [--with-prometheus] [--with-fuzz] [--with-helm] [--print-env]
 # Progress goes to stderr so that `eval "$(scripts/setup.sh --print-env ...)"` sees only the env lines.
 set -euo pipefail
 
@@ -10,7 +10,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY_TOKENIZERS_VERSION=0.23.2
 CACHE="${RERANKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/reranker}"
 MODEL_SRC="${RERANKER_MODEL_SRC:-$REPO_ROOT/../shared/models/minilm-l6-ce}"
-WITH_BROKER=0 WITH_PYTHON=0 WITH_PROMETHEUS=0 WITH_FUZZ=0 PRINT_ENV=0
+WITH_BROKER=0 WITH_PYTHON=0 WITH_PROMETHEUS=0 WITH_FUZZ=0 WITH_HELM=0 PRINT_ENV=0
 
 say() { echo "setup: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
     --with-python) WITH_PYTHON=1; shift ;;
     --with-prometheus) WITH_PROMETHEUS=1; shift ;;
     --with-fuzz) WITH_FUZZ=1; shift ;;
+    --with-helm) WITH_HELM=1; shift ;;
     --print-env) PRINT_ENV=1; shift ;;
     -h|--help) sed -n '2,4p' "$0" >&2; exit 0 ;;
     *) die "unknown option: $1" ;;
@@ -151,6 +152,26 @@ if [ "$WITH_FUZZ" = 1 ]; then
   fi
   say "cargo-fuzz: $(command -v cargo-fuzz || echo "$HOME/.cargo/bin/cargo-fuzz")"
 fi
+
+# --- deploy checks (tests/deploy): Helm v4's engine as a library (no helm binary needed), the
+# Kubernetes and compose-spec JSON schemas for offline validation, pytest. Pinned: the checks
+# assert on what these render and report. ---
+if [ "$WITH_HELM" = 1 ]; then
+  if ! python3 - <<'PY' 2>/dev/null
+import importlib.metadata as m
+want = {"helm-python-sdk": "0.2.2", "kubernetes-validate": "1.37.0", "check-jsonschema": "0.39.0",
+        "pytest": "9.2.0", "PyYAML": "6.0.3"}
+assert all(m.version(k) == v for k, v in want.items()), "version mismatch"
+PY
+  then
+    say "installing Python packages for the deploy checks (helm-python-sdk, kubernetes-validate, ...)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+      helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 check-jsonschema==0.39.0 \
+      pytest==9.2.0 PyYAML==6.0.3 >&2
+  fi
+  say "helm engine: $(python3 -c 'import helm_python as h; print(h.helm_sdk_version())' 2>/dev/null)"
+fi
+# --- end deploy checks ---
 
 # --- Environment for cargo build/test/run ---
 {

@@ -20,4 +20,13 @@ if [ "${FUZZ_SECONDS:-60}" != 0 ]; then
   rm -rf "$corpus"
 fi
 
+# --- deploy checks (tests/deploy): docker-compose.yml, docker/ and helm/reranker against the
+# binary just built (pytest: Helm's engine is reachable from Python only). Before cargo test so
+# that its summary stays last; DEPLOY_TESTS=0 skips them. ---
+if [ "${DEPLOY_TESTS:-1}" != 0 ]; then
+  bash scripts/setup.sh --with-helm --print-env >/dev/null
+  PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -q -p no:cacheprovider tests/deploy
+fi
+# --- end deploy checks ---
+
 cargo test --release --locked "$@"
