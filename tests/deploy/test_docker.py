@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -198,3 +198,21 @@ def test_healthcheck_command_against_the_real_worker():
             log.seek(0)
             tail = log.read()[-2000:].decode(errors="replace")
         print(tail)
+
+
+# What debian:bookworm-slim plus the runtime stage's packages (libssl3, libstdc++6) provide, and
+# Ubuntu 24.04 (CUDA image, libssl3t64) as well.
+RUNTIME_SONAMES = {"libz.so.1", "libssl.so.3", "libcrypto.so.3", "libgcc_s.so.1", "libm.so.6",
+                   "libc.so.6", "ld-linux-x86-64.so.2", "libstdc++.so.6", "libdl.so.2",
+                   "libpthread.so.0", "librt.so.1"}
+
+
+def test_binary_links_only_what_the_runtime_images_have():
+    """A new -sys dependency linking another shared library would build and then fail to start
+    in the slim image; catch it here."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) not installed")
+    out = subprocess.run([readelf, "-d", str(BIN)], capture_output=True, text=True, check=True).stdout
+    needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out))
+    assert needed and needed <= RUNTIME_SONAMES, needed - RUNTIME_SONAMES
