@@ -35,6 +35,10 @@ pub struct EventMeta {
     pub pairs: usize,
     /// Source record value, kept only while needed for a dead letter (inference failure).
     pub payload: Vec<u8>,
+    /// Open from consume to the acknowledgement of the event's output.
+    pub span: tracing::Span,
+    /// The span's context, for the links of the batches that carry the event's pairs.
+    pub trace: opentelemetry::trace::SpanContext,
 }
 
 #[derive(Debug)]
@@ -212,6 +216,10 @@ impl Assembler {
     }
 
     /// Removes an event (its batch failed, or its partition was revoked).
+    pub fn get(&self, id: u64) -> Option<&EventMeta> {
+        self.events.get(&id).map(|p| &p.meta)
+    }
+
     pub fn remove(&mut self, id: u64) -> Option<EventMeta> {
         self.events.remove(&id).map(|p| p.meta)
     }

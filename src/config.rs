@@ -22,6 +22,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
+    pub otel: OtelConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -167,6 +168,46 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// `tracing` env-filter syntax; `RUST_LOG` wins when set.
     pub level: String,
+}
+
+/// OpenTelemetry export over OTLP/HTTP. Trace context is extracted from input headers and
+/// injected into outputs whether or not anything is exported. The standard `OTEL_*` variables
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_SAMPLER`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, ...) apply where a key here is left empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// Export spans (one per event, one per inference batch).
+    pub traces: bool,
+    /// Push metrics too (the Prometheus `/metrics` endpoint stays).
+    pub metrics: bool,
+    /// Base URL of the collector's OTLP/HTTP receiver, e.g. `http://otel-collector:4318`; empty:
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else `http://localhost:4318`.
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    pub service_name: String,
+    pub metrics_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        Self {
+            traces: false,
+            metrics: false,
+            endpoint: String::new(),
+            protocol: OtlpProtocol::HttpProtobuf,
+            service_name: "reranker".into(),
+            metrics_interval_ms: 10_000,
+        }
+    }
 }
 
 impl Default for KafkaConfig {
@@ -402,6 +443,16 @@ impl Config {
         }
         if !(0.0..1.0).contains(&self.flow.resume_ratio) {
             return bad("flow.resume_ratio", "must be in [0, 1)");
+        }
+        let e = &self.otel.endpoint;
+        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
+            return bad(
+                "otel.endpoint",
+                "must be an http:// or https:// URL of an OTLP/HTTP receiver (port 4318 by convention)",
+            );
+        }
+        if self.otel.metrics && self.otel.metrics_interval_ms < 100 {
+            return bad("otel.metrics_interval_ms", "must be at least 100");
         }
         if self.limits.max_candidates == 0 {
             return bad("limits.max_candidates", "must be at least 1");

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use opentelemetry::trace::SpanContext;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::batch::{Batch, CloseReason, PairKey};
 use crate::config::{Device, ModelConfig, OptLevel};
+use crate::telemetry;
 use crate::tokenize::EncodedPair;
 
 const ORT_VERSION: &str = "1.31.1";
@@ -373,10 +375,13 @@ pub struct InferRequest {
     pub real_tokens: usize,
     /// When each pair entered the batcher, for queue-wait accounting.
     pub enqueued: Vec<Instant>,
+    /// Span contexts of the events whose pairs ride in this batch, one each: the batch's span
+    /// links to them.
+    pub links: Vec<SpanContext>,
 }
 
 impl InferRequest {
-    pub fn from_batch(batch: Batch, pad_id: u32) -> Self {
+    pub fn from_batch(batch: Batch, pad_id: u32, links: Vec<SpanContext>) -> Self {
         let tensors = TensorBatch::from_pairs(batch.pairs.iter().map(|p| &p.pair), pad_id);
         Self {
             keys: batch.pairs.iter().map(|p| p.key).collect(),
@@ -384,6 +389,7 @@ impl InferRequest {
             tensors,
             reason: batch.reason,
             real_tokens: batch.real_tokens,
+            links,
         }
     }
 }
@@ -410,8 +416,24 @@ pub fn spawn(
         .name("inference".into())
         .spawn(move || {
             while let Some(req) = rx.blocking_recv() {
+                let span = telemetry::batch_span(
+                    &telemetry::BatchInfo {
+                        events: req.links.len(),
+                        pairs: req.tensors.rows,
+                        seq_len: req.tensors.seq_len,
+                        real_tokens: req.real_tokens,
+                        reason: req.reason.as_str(),
+                    },
+                    &req.links,
+                );
                 let started = Instant::now();
-                let scores = scorer.score(&req.tensors).map_err(|e| e.to_string());
+                let scores =
+                    span.in_scope(|| scorer.score(&req.tensors).map_err(|e| e.to_string()));
+                if let Err(e) = &scores {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("otel.status_description", e.as_str());
+                }
+                drop(span);
                 let res = InferResult {
                     keys: req.keys,
                     scores,

@@ -176,7 +176,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run(a) => {
             let cfg = a.load()?;
-            reranker::telemetry::init(&cfg.log);
+            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
             tracing::info!(config = %cfg.redacted_toml().replace('\n', "; "), "starting");
             let shutdown = shutdown_signal();
             let c = cfg.clone();
@@ -191,12 +191,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if let Some(m) = a.model {
                 cfg.model.dir = m;
             }
-            reranker::telemetry::init(&cfg.log);
+            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
             tokio::task::spawn_blocking(move || reranker::bench::check_model(&cfg.model)).await?
         }
         Cmd::Bench(a) => {
             let cfg = a.config.load()?;
-            reranker::telemetry::init(&cfg.log);
+            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
             if !a.model_only {
                 let report = reranker::bench::end_to_end(
                     cfg,
@@ -242,7 +242,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo(a) => {
             let cfg = a.config.load()?;
-            reranker::telemetry::init(&cfg.log);
+            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
             reranker::demo::run(cfg, a.scifact_events).await
         }
     }

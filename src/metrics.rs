@@ -33,11 +33,12 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider, ObservableGauge};
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::metrics::SdkMeterProvider;
-use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use rdkafka::Statistics;
 
+use crate::config::OtelConfig;
 use crate::decode::ErrorCode;
+use crate::telemetry;
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -228,20 +229,23 @@ impl Metrics {
         model: ModelLabels<'_>,
         health: Arc<Health>,
         inflight_pairs: impl Fn() -> u64 + Send + Sync + 'static,
+        otel: &OtelConfig,
     ) -> anyhow::Result<Self> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .build()?;
-        let provider = SdkMeterProvider::builder()
+        let mut provider = SdkMeterProvider::builder()
             .with_reader(exporter)
-            .with_resource(
-                Resource::builder()
-                    .with_service_name("reranker")
-                    .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .with_resource(telemetry::resource(otel));
+        if otel.metrics {
+            provider = provider.with_reader(
+                PeriodicReader::builder(telemetry::metric_exporter(otel)?)
+                    .with_interval(Duration::from_millis(otel.metrics_interval_ms))
                     .build(),
-            )
-            .build();
+            );
+        }
+        let provider = provider.build();
         let meter = provider.meter("reranker");
 
         let counter = |name: &'static str, unit: &'static str, desc: &'static str| {
@@ -482,6 +486,7 @@ mod tests {
             },
             h,
             || 7,
+            &OtelConfig::default(),
         )
         .unwrap();
         m.events_consumed.add(2, &[]);

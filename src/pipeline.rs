@@ -28,6 +28,7 @@ use crate::infer::{self, InferRequest, InferResult, Scorer};
 use crate::ingress::{self, IngressContext, RebalanceNote, Tracker};
 use crate::metrics::{Health, Metrics, ModelLabels};
 use crate::offsets::{OffsetTracker, Ticket, TopicPartition};
+use crate::telemetry;
 use crate::tokenize::{EncodedPair, PairTokenizer};
 
 pub fn now_ms() -> i64 {
@@ -102,17 +103,21 @@ struct Finisher {
     flow: Arc<Flow>,
     stats: Arc<Stats>,
     metrics: Arc<Metrics>,
+    /// `output.propagate_headers`: which trace-context headers the event's span may write.
+    propagate: Arc<[String]>,
 }
 
 impl Finisher {
     /// Produces a dead letter in place of the event's output; its offset completes the same way.
+    #[allow(clippy::too_many_arguments)]
     fn dead_letter(
         &self,
         topic: &str,
         d: &DlqInput<'_>,
-        headers: Vec<(String, Vec<u8>)>,
+        mut headers: Vec<(String, Vec<u8>)>,
         ticket: Ticket,
         pairs: usize,
+        span: tracing::Span,
     ) {
         tracing::debug!(
             partition = d.partition,
@@ -120,19 +125,30 @@ impl Finisher {
             code = d.code.as_str(),
             "dead-lettering event"
         );
+        telemetry::record_error(&span, d.code.as_str(), d.message);
+        telemetry::inject(&span, &self.propagate, &mut headers);
         let rec = OutRecord {
             topic: topic.to_string(),
             key: d.key.map(<[u8]>::to_vec),
             payload: dlq::render(d, now_ms()),
             headers,
         };
-        self.finish(rec, ticket, pairs, Outcome::DeadLetter(d.code));
+        self.finish(rec, ticket, pairs, Outcome::DeadLetter(d.code), span);
     }
 
-    fn finish(&self, rec: OutRecord, ticket: Ticket, pairs: usize, outcome: Outcome) {
+    /// Produces the record; on its acknowledgement completes the offset and ends the event's span.
+    fn finish(
+        &self,
+        rec: OutRecord,
+        ticket: Ticket,
+        pairs: usize,
+        outcome: Outcome,
+        span: tracing::Span,
+    ) {
         let this = self.clone();
         tokio::spawn(async move {
             this.egress.send(&rec).await;
+            drop(span);
             let point = ingress::lock(&this.tracker).complete(&ticket);
             if let Some(p) = point {
                 ingress::store(&*this.consumer, &[(ticket.tp.clone(), p)]);
@@ -240,6 +256,7 @@ impl Worker {
                 let flow = flow.clone();
                 move || flow.inflight_pairs.load(Ordering::Relaxed) as u64
             },
+            &cfg.otel,
         )?);
         let http_server = if cfg.http.enabled {
             Some(http::Server::start(&cfg.http.listen, metrics.clone(), health.clone()).await?)
@@ -253,6 +270,7 @@ impl Worker {
             flow: flow.clone(),
             stats: stats.clone(),
             metrics: metrics.clone(),
+            propagate: cfg.output.propagate_headers.clone().into(),
         };
 
         let (infer_tx, infer_rx) = mpsc::channel::<InferRequest>(1);
@@ -494,10 +512,23 @@ impl Ingress<'_> {
         self.metrics.events_consumed.add(1, &[]);
         let ts = m.timestamp().to_millis();
         let headers = self.propagated_headers(m);
+        let span = telemetry::event_span(
+            &telemetry::Source {
+                topic: &tp.topic,
+                partition: tp.partition,
+                offset: m.offset(),
+                group: &self.cfg.kafka.group_id,
+                payload_bytes: m.payload().map_or(0, <[u8]>::len),
+            },
+            &trace_headers(m),
+        );
+        let _entered = span.enter();
         let ev = match decode::decode(m.payload(), &self.cfg.limits, ts, now_ms()) {
             Ok(ev) => ev,
-            Err(e) => return self.reject(m, &tp, ticket, headers, e.code, &e.message),
+            Err(e) => return self.reject(m, &tp, ticket, headers, e.code, &e.message, &span),
         };
+        span.record("reranker.request_id", ev.request_id.as_str());
+        span.record("reranker.candidates", ev.candidates.len() as i64);
         let tokenize_start = Instant::now();
         let mut pairs = Vec::with_capacity(ev.candidates.len());
         let (mut truncated, mut chunked) = (0u32, 0u32);
@@ -510,13 +541,22 @@ impl Ingress<'_> {
                 }
                 Err(e) => {
                     let msg = format!("candidate {:?}: {e}", c.id);
-                    return self.reject(m, &tp, ticket, headers, ErrorCode::InferenceFailed, &msg);
+                    return self.reject(
+                        m,
+                        &tp,
+                        ticket,
+                        headers,
+                        ErrorCode::InferenceFailed,
+                        &msg,
+                        &span,
+                    );
                 }
             }
         }
         self.metrics
             .tokenization
             .record(tokenize_start.elapsed().as_secs_f64(), &[]);
+        span.record("reranker.pairs", pairs.len() as i64);
         let key = m.key().map(<[u8]>::to_vec);
         let include_text = self.cfg.output.include_text;
         let top_n = ev
@@ -549,6 +589,8 @@ impl Ingress<'_> {
             chunked,
             pairs: pairs.len(),
             payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            trace: telemetry::span_context(&span),
+            span: span.clone(),
         };
         self.next_id += 1;
         self.flow
@@ -559,6 +601,7 @@ impl Ingress<'_> {
             .send(ToCoordinator::Admit(Box::new(meta), pairs));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn reject(
         &self,
         m: &rdkafka::message::BorrowedMessage<'_>,
@@ -567,6 +610,7 @@ impl Ingress<'_> {
         headers: Vec<(String, Vec<u8>)>,
         code: ErrorCode,
         message: &str,
+        span: &tracing::Span,
     ) {
         let d = DlqInput {
             code,
@@ -578,8 +622,14 @@ impl Ingress<'_> {
             key: m.key(),
             payload: m.payload(),
         };
-        self.finisher
-            .dead_letter(&self.cfg.kafka.dlq_topic, &d, headers, ticket, 0);
+        self.finisher.dead_letter(
+            &self.cfg.kafka.dlq_topic,
+            &d,
+            headers,
+            ticket,
+            0,
+            span.clone(),
+        );
     }
 
     fn propagated_headers(
@@ -603,6 +653,19 @@ impl Ingress<'_> {
             })
             .collect()
     }
+}
+
+/// The input's W3C trace-context headers, whatever `output.propagate_headers` says.
+fn trace_headers(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+    let Some(hs) = m.headers() else {
+        return Vec::new();
+    };
+    hs.iter()
+        .filter(|h| {
+            h.key.eq_ignore_ascii_case("traceparent") || h.key.eq_ignore_ascii_case("tracestate")
+        })
+        .filter_map(|h| Some((h.key.to_string(), h.value?.to_vec())))
+        .collect()
 }
 
 struct Coordinator {
@@ -637,7 +700,8 @@ impl Coordinator {
                     self.batcher.poll(Instant::now())
                 };
                 if let (Some(b), Some(p)) = (batch, permit.take()) {
-                    p.send(InferRequest::from_batch(b, self.pad_id));
+                    let links = self.links(&b);
+                    p.send(InferRequest::from_batch(b, self.pad_id, links));
                 }
             }
             self.idle.store(
@@ -662,6 +726,17 @@ impl Coordinator {
                 Some(res) = results.recv() => self.on_result(res),
             }
         }
+    }
+
+    /// One span context per event in the batch, for the batch span's links.
+    fn links(&self, b: &crate::batch::Batch) -> Vec<opentelemetry::trace::SpanContext> {
+        let mut seen = HashSet::new();
+        b.pairs
+            .iter()
+            .filter(|p| seen.insert(p.key.event))
+            .filter_map(|p| self.assembler.get(p.key.event))
+            .map(|m| m.trace.clone())
+            .collect()
     }
 
     fn admit(&mut self, meta: EventMeta, pairs: Vec<(u32, EncodedPair)>) {
@@ -759,7 +834,8 @@ impl Coordinator {
         let payload = assemble::render(&done, &self.model, now_ms());
         let pairs = done.meta.pairs;
         let record_ts_ms = done.meta.record_ts_ms;
-        let m = done.meta;
+        let mut m = done.meta;
+        telemetry::inject(&m.span, &self.finisher.propagate, &mut m.headers);
         self.finisher.finish(
             OutRecord {
                 topic: self.output_topic.clone(),
@@ -770,6 +846,7 @@ impl Coordinator {
             m.ticket,
             pairs,
             Outcome::Reranked { record_ts_ms },
+            m.span,
         );
     }
 
@@ -790,6 +867,7 @@ impl Coordinator {
             m.headers.clone(),
             m.ticket.clone(),
             m.pairs,
+            m.span.clone(),
         );
     }
 }

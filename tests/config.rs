@@ -151,6 +151,11 @@ fn errors_name_the_offending_key() {
             "[kafka.consumer]\n\"statistics.interval.ms\" = \"100\"\n".into(),
             "kafka.statistics_interval_ms",
         ),
+        (
+            "[otel]\nendpoint = \"otel-collector:4317\"\n".into(),
+            "otel.endpoint",
+        ),
+        ("[otel]\nprotocol = \"grpc\"\n".into(), "otel.protocol"),
     ];
     for (body, key) in cases {
         let file = write(&dir, &body);

@@ -214,9 +214,12 @@ fn bad_events_go_to_the_dead_letter_topic() {
         assert_eq!(v["source"]["topic"].as_str(), Some(t.input.as_str()));
         assert_eq!(v["source"]["partition"].as_i64(), Some((i % 2) as i64));
         assert!(v["source"]["offset"].as_i64().is_some());
+        // The dead letter carries the event's own span, in the caller's trace.
+        let tp = String::from_utf8_lossy(d.headers.get("traceparent").expect("traceparent"));
         assert!(
-            d.headers.contains_key("traceparent"),
-            "trace context travels with dead letters"
+            tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+                && !tp.contains("b7ad6b7169203331"),
+            "trace context travels with dead letters: {tp}"
         );
         // The original bytes are recoverable.
         let data = &v["payload"]["data"];

@@ -122,7 +122,12 @@ pub fn worker_cmd(
 
 impl WorkerProc {
     pub fn spawn(bootstrap: &str, t: &Topics, extra: &[String]) -> Self {
+        Self::spawn_env(bootstrap, t, extra, &[])
+    }
+
+    pub fn spawn_env(bootstrap: &str, t: &Topics, extra: &[String], env: &[(&str, &str)]) -> Self {
         let (mut cmd, dir, log) = worker_cmd(bootstrap, t, extra);
+        cmd.envs(env.iter().copied());
         let f = std::fs::File::create(&log).expect("log file");
         cmd.stderr(Stdio::from(f));
         let child = cmd.spawn().expect("spawn reranker");
