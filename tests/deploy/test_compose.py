@@ -4,6 +4,7 @@ available on the CI machines); the worker's side is checked with the real binary
 from __future__ import annotations
 
 import json
+import urllib.parse
 import re
 import shutil
 import subprocess
@@ -62,7 +63,9 @@ def test_worker_env_vars_are_config_keys_and_take_effect(worker):
         node = worker
         for p in path:
             node = node[p]
-        assert str(node) == str(v), (k, node, v)
+        # Env values are strings; the effective config has them typed (TOML booleans, numbers).
+        shown = str(node).lower() if isinstance(node, bool) else str(node)
+        assert shown == str(v), (k, node, v)
 
 
 def test_worker_reaches_the_compose_broker(worker):
@@ -144,6 +147,13 @@ def test_otel_collector_config_is_consistent(worker):
         for kind in ("receivers", "processors", "exporters"):
             for comp in pipe.get(kind, []):
                 assert comp in otel[kind], f"pipeline {name} uses undefined {kind[:-1]} {comp}"
+    # The worker exports its spans to the collector's OTLP/HTTP receiver, which a traces pipeline reads.
+    assert worker["otel"]["traces"] is True
+    url = urllib.parse.urlsplit(worker["otel"]["endpoint"])
+    http_recv = otel["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert (url.scheme, url.hostname) == ("http", "otel-collector")
+    assert str(url.port) == http_recv.rsplit(":", 1)[1]
+    assert "otlp" in svc_ext["pipelines"]["traces"]["receivers"]
     published = {str(p).split(":")[0] for p in svc["ports"]}
     assert {"4317", "4318", otel["extensions"]["health_check"]["endpoint"].rsplit(":", 1)[1]} <= published
 

@@ -279,10 +279,7 @@ def test_schema_config_keys_are_the_binary_keys(chart):
     """values.schema.json's config section names exactly the keys `reranker config` knows."""
     cfg = reranker_config()
     schema = chart.schema["properties"]["config"]["properties"]
-    assert set(cfg) <= set(schema), "a config section the chart's schema would refuse"
-    # [otel] (OTLP export) is being added to config.rs alongside this chart; until a binary has it,
-    # its schema entry is the only one allowed ahead of the code.
-    assert set(schema) - set(cfg) <= {"otel"}, set(schema) - set(cfg)
+    assert set(schema) == set(cfg), set(schema) ^ set(cfg)
     for section, keys in cfg.items():
         expected = set(keys) | ({"name"} if section == "model" else set())  # Option<String>, unset
         assert set(schema[section]["properties"]) == expected, section
