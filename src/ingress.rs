@@ -137,6 +137,10 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // A fetch that finds nothing waits this long at the broker. Kafka answers as soon as data
+        // arrives, but not every Kafka-compatible broker does (tansu waits it out), and then
+        // librdkafka's 500 ms lands on the latency of the next event after a quiet spell.
+        .set("fetch.wait.max.ms", "100")
         .set(
             "queued.max.messages.kbytes",
             cfg.flow.fetch_queue_kbytes.to_string(),

@@ -54,6 +54,24 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Zeroes every counter (the benchmark measures after a warm-up event).
+    pub fn reset(&self) {
+        for a in [
+            &self.events_in,
+            &self.events_out,
+            &self.dead_letters,
+            &self.pairs_scored,
+            &self.batches,
+            &self.real_tokens,
+            &self.padded_tokens,
+            &self.inference_us,
+            &self.pauses,
+            &self.resumes,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+    }
+
     pub fn log(&self, what: &str) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let batches = g(&self.batches).max(1) as f64;
