@@ -403,6 +403,7 @@ pub async fn end_to_end(
             cfg.kafka.input_topic.clone(),
         );
         let rate = opt.rate;
+        let events = events.clone();
         tokio::spawn(async move {
             let mut tick =
                 (rate > 0.0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
@@ -461,7 +462,7 @@ pub async fn end_to_end(
     let mean_batch_inference_ms = g(&stats.inference_us) as f64 / 1e3 / batches.max(1) as f64;
 
     eprintln!("scoring the same pairs with the bare session…");
-    let bare = bare_pairs_per_s(&cfg, &opt)?;
+    let bare = bare_pairs_per_s(&cfg, &events)?;
     // Steady state, first output to last: group join and model start-up are not throughput.
     let e2e = match first {
         Some((t, n)) if last > t => (pairs_total - n) as f64 / last.duration_since(t).as_secs_f64(),
@@ -489,12 +490,14 @@ pub async fn end_to_end(
 
 /// The ceiling: the benchmark's own pairs, tokenized beforehand (not timed), sorted by length and
 /// cut into full batches within the same budgets, scored back to back.
-fn bare_pairs_per_s(cfg: &crate::config::Config, opt: &E2eOptions) -> anyhow::Result<f64> {
-    let events = crate::demo::scifact_events(&opt.data, opt.events, opt.candidates, 10, "bench-")?;
+fn bare_pairs_per_s(
+    cfg: &crate::config::Config,
+    events: &[serde_json::Value],
+) -> anyhow::Result<f64> {
     let tok =
         PairTokenizer::from_file(&cfg.model.dir.join("tokenizer.json"), cfg.model.max_length)?;
     let mut pairs = Vec::new();
-    for e in &events {
+    for e in events {
         let q = e["query"].as_str().unwrap_or_default();
         for c in e["candidates"].as_array().into_iter().flatten() {
             pairs.push(tok.encode(q, c["text"].as_str().unwrap_or_default())?);
