@@ -151,7 +151,11 @@ fn build_session(
         .with_intra_threads(threads)?
         .with_inter_threads(1)?
         .with_config_entry("session.intra_op.allow_spinning", spin)?
-        .with_optimization_level(opt_level(opt))?;
+        .with_optimization_level(opt_level(opt))?
+        // Memory patterns are planned per input shape, and every batch shape here is a new one:
+        // with them, peak RSS at batch 32 × 256 tokens was 962 MB; without, 691 MB (bench
+        // --model-only, same speed).
+        .with_memory_pattern(false)?;
     if let Some(device_id) = cuda {
         b = with_cuda(b, device_id)?;
     }

@@ -60,6 +60,10 @@ struct BenchArgs {
     rate: f64,
     #[arg(long, default_value_t = 4)]
     partitions: i32,
+    /// End-to-end: stop measuring after this many seconds with the rest of the input still
+    /// queued (overload runs: offer far more than the worker can take, watch memory).
+    #[arg(long)]
+    max_seconds: Option<f64>,
     /// End-to-end: an existing broker (default: start a local tansu).
     #[arg(long)]
     bench_brokers: Option<String>,
@@ -204,6 +208,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         events: a.events,
                         candidates: a.candidates,
                         rate: a.rate,
+                        max_seconds: a.max_seconds,
                         partitions: a.partitions,
                         brokers: a.bench_brokers.clone(),
                         data: a.data.clone(),
