@@ -23,6 +23,7 @@ pub struct Config {
     pub log: LogConfig,
     pub http: HttpConfig,
     pub otel: OtelConfig,
+    pub processing: ProcessingConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -160,6 +161,30 @@ pub struct HttpConfig {
     /// `/readyz` fails once no librdkafka statistics report has shown a connected broker for this
     /// long; must exceed `kafka.statistics_interval_ms`.
     pub broker_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Offsets are committed after the output is acknowledged: a crash re-processes (duplicates)
+    /// the events since the last commit.
+    AtLeastOnce,
+    /// Outputs, dead letters and input offsets are committed in one Kafka transaction per commit
+    /// interval; `read_committed` consumers see every input's output once.
+    ExactlyOnce,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessingConfig {
+    pub guarantee: Guarantee,
+    /// `transactional.id` of the producer (exactly_once). Default: `<group_id>-<instance>`, with
+    /// the instance from `group.instance.id`, else `$HOSTNAME` (a StatefulSet pod name is stable
+    /// across restarts, which lets the broker fence the previous incarnation's open transaction).
+    pub transactional_id: Option<String>,
+    /// How often the open transaction is committed (exactly_once): the latency `read_committed`
+    /// readers add, traded against one commit round trip per interval.
+    pub commit_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -301,6 +326,16 @@ impl Default for HttpConfig {
             enabled: true,
             listen: "0.0.0.0:9464".into(),
             broker_timeout_ms: 15_000,
+        }
+    }
+}
+
+impl Default for ProcessingConfig {
+    fn default() -> Self {
+        Self {
+            guarantee: Guarantee::AtLeastOnce,
+            transactional_id: None,
+            commit_interval_ms: 200,
         }
     }
 }
@@ -501,7 +536,60 @@ impl Config {
                 ),
             );
         }
+        if self.processing.guarantee == Guarantee::ExactlyOnce {
+            if !(10..=60_000).contains(&self.processing.commit_interval_ms) {
+                return bad(
+                    "processing.commit_interval_ms",
+                    "must be between 10 and 60000 (and well below the producer's transaction.timeout.ms)",
+                );
+            }
+            if let Some(id) = &self.processing.transactional_id {
+                if id.trim().is_empty() {
+                    return bad("processing.transactional_id", "must not be empty when set");
+                }
+            }
+            for (k, v) in self.kafka.client.iter().chain(&self.kafka.producer) {
+                if k == "transactional.id" {
+                    return bad(
+                        "kafka.producer",
+                        "`transactional.id` is managed by the worker (use processing.transactional_id)",
+                    );
+                }
+                if k == "enable.idempotence" && v != "true" {
+                    return bad(
+                        "kafka.producer",
+                        "`enable.idempotence` must stay true with processing.guarantee = \"exactly_once\"",
+                    );
+                }
+            }
+            for (k, _) in self.kafka.client.iter().chain(&self.kafka.consumer) {
+                if k == "enable.auto.commit" {
+                    return bad(
+                        "kafka.consumer",
+                        "`enable.auto.commit` is managed by the worker (offsets go into the transaction with processing.guarantee = \"exactly_once\")",
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// `transactional.id` for exactly_once: configured, else derived from the group and a stable
+    /// instance name.
+    pub fn transactional_id(&self) -> String {
+        if let Some(id) = &self.processing.transactional_id {
+            return id.clone();
+        }
+        let instance = self
+            .kafka
+            .consumer
+            .get("group.instance.id")
+            .or_else(|| self.kafka.client.get("group.instance.id"))
+            .cloned()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .or_else(hostname)
+            .unwrap_or_else(|| "0".into());
+        format!("{}-{instance}", self.kafka.group_id)
     }
 
     /// The configuration as TOML with secrets replaced, for `reranker config` and start-up logs.
@@ -530,6 +618,21 @@ impl Config {
                 .unwrap_or_else(|| "model".into())
         })
     }
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer outlives the call and its length is passed; gethostname NUL-terminates
+    // within it or returns an error.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&buf[..end])
+        .ok()
+        .map(str::to_string)
+        .filter(|h| !h.is_empty())
 }
 
 pub fn is_secret_key(k: &str) -> bool {

@@ -36,6 +36,8 @@ pub struct IngressContext {
     pub assignments: Arc<AtomicU64>,
     /// Assigned partitions, broker reachability and consumer lag for `/readyz` and `/metrics`.
     pub health: Arc<Health>,
+    /// exactly_once: the transaction thread, asked to commit before partitions move.
+    pub txn: Option<std::sync::mpsc::Sender<crate::txn::TxnMsg>>,
 }
 
 impl ClientContext for IngressContext {
@@ -59,6 +61,30 @@ fn tps(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
 impl ConsumerContext for IngressContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
+            Rebalance::Revoke(tpl) if self.txn.is_some() => {
+                let revoked = tps(tpl);
+                {
+                    // Completions of revoked partitions now count for nothing, so the commit
+                    // below holds exactly what was released for them.
+                    let mut t = lock(&self.tracker);
+                    for tp in &revoked {
+                        t.revoke(tp);
+                    }
+                }
+                // Fencing: the open transaction must end before the partitions go, or the next
+                // owner would redo work whose outputs are still pending here. Blocks the consumer's
+                // callback (as the synchronous commit of at_least_once does) until it ends.
+                let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+                let committed = self
+                    .txn
+                    .as_ref()
+                    .is_some_and(|t| t.send(crate::txn::TxnMsg::CommitNow(ack_tx)).is_ok())
+                    && ack_rx
+                        .recv_timeout(std::time::Duration::from_secs(90))
+                        .unwrap_or(false);
+                tracing::info!(partitions = ?revoked.iter().map(|t| t.partition).collect::<Vec<_>>(), committed, "partitions revoked; transaction ended");
+                let _ = self.notes.send(RebalanceNote::Revoked(revoked));
+            }
             Rebalance::Revoke(tpl) => {
                 let revoked = tps(tpl);
                 let mut commit = TopicPartitionList::new();

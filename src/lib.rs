@@ -18,5 +18,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
+pub mod replay;
 pub mod telemetry;
 pub mod tokenize;
+pub mod txn;

@@ -22,6 +22,9 @@ struct Cli {
 enum Cmd {
     /// Run the worker: consume retrieval results, publish reranked top-N.
     Run(ConfigArgs),
+    /// Re-run a slice of the input topic through the model (no consumer group, nothing committed);
+    /// stops by itself at the end offsets seen at start, or at --to.
+    Replay(ReplayArgs),
     /// Print the effective configuration (secrets redacted) and exit.
     Config(ConfigArgs),
     /// Start a local broker, feed sample events, run the worker and print what it publishes.
@@ -98,6 +101,30 @@ struct ConfigArgs {
     /// Any key: --set batch.max_wait_ms=5 (repeatable; wins over file and environment).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+#[derive(Args, Clone)]
+struct ReplayArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Start: an offset (on every partition) or an RFC 3339 timestamp (first record at or after it).
+    #[arg(long)]
+    from: reranker::replay::Position,
+    /// End, exclusive: an offset or an RFC 3339 timestamp (default: the end of each partition now).
+    #[arg(long)]
+    to: Option<reranker::replay::Position>,
+    /// Topic to read (kafka.input_topic).
+    #[arg(long)]
+    input: String,
+    /// Topic to write the reranked events to (kafka.output_topic).
+    #[arg(long)]
+    output: String,
+    /// Dead-letter topic (kafka.dlq_topic).
+    #[arg(long)]
+    dlq: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -188,6 +215,25 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("model loading panicked")??;
             worker.run(shutdown).await?;
+            Ok(())
+        }
+        Cmd::Replay(a) => {
+            let mut args = a.config.clone();
+            args.set
+                .push(format!("kafka.input_topic={}", toml_str(&a.input)));
+            args.set
+                .push(format!("kafka.output_topic={}", toml_str(&a.output)));
+            if let Some(d) = &a.dlq {
+                args.set.push(format!("kafka.dlq_topic={}", toml_str(d)));
+            }
+            let cfg = args.load()?;
+            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
+            let summary = reranker::replay::run(cfg, a.from, a.to, shutdown_signal()).await?;
+            if a.json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                reranker::replay::print_summary(&summary);
+            }
             Ok(())
         }
         Cmd::CheckModel(a) => {

@@ -32,6 +32,28 @@ struct PartitionState {
     next: Option<i64>,
     /// Last commit point reported, so unchanged points are not stored again.
     reported: Option<i64>,
+    /// First offset registered in this generation: where an aborted transaction's work restarts
+    /// when nothing was committed yet.
+    first: Option<i64>,
+    /// Last point committed (exactly_once: in a committed transaction).
+    committed: Option<i64>,
+    /// Set by a rewind until the consumer has seeked back: messages fetched before the seek are
+    /// refused, or they would be admitted twice.
+    rewinding: bool,
+}
+
+impl PartitionState {
+    fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            in_flight: BTreeSet::new(),
+            next: None,
+            reported: None,
+            first: None,
+            committed: None,
+            rewinding: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -48,15 +70,48 @@ impl OffsetTracker {
     /// Starts tracking a newly assigned partition (a fresh generation even if it was owned before).
     pub fn assign(&mut self, tp: TopicPartition) {
         self.next_generation += 1;
-        self.parts.insert(
-            tp,
-            PartitionState {
-                generation: self.next_generation,
-                in_flight: BTreeSet::new(),
-                next: None,
-                reported: None,
-            },
-        );
+        self.parts
+            .insert(tp, PartitionState::new(self.next_generation));
+    }
+
+    /// Abandons all work in flight on every owned partition (an aborted transaction): returns
+    /// where each partition must be re-read from. Completions of the old generation are ignored
+    /// from now on, and nothing is registered until [`Self::rewound`] says the consumer seeked.
+    pub fn rewind_all(&mut self) -> Vec<(TopicPartition, i64)> {
+        let mut points = Vec::new();
+        for (tp, s) in self.parts.iter_mut() {
+            self.next_generation += 1;
+            let point = s.committed.or(s.first);
+            let mut fresh = PartitionState::new(self.next_generation);
+            fresh.committed = point;
+            fresh.rewinding = point.is_some();
+            *s = fresh;
+            if let Some(p) = point {
+                points.push((tp.clone(), p));
+            }
+        }
+        points
+    }
+
+    /// The consumer now fetches `tp` from its rewind point again.
+    pub fn rewound(&mut self, tp: &TopicPartition) {
+        if let Some(s) = self.parts.get_mut(tp) {
+            s.rewinding = false;
+        }
+    }
+
+    /// Records a commit point that the broker accepted.
+    pub fn committed(&mut self, tp: &TopicPartition, point: i64) {
+        if let Some(s) = self.parts.get_mut(tp) {
+            s.committed = Some(point);
+        }
+    }
+
+    /// Whether the ticket belongs to the current ownership of its partition.
+    pub fn is_current(&self, t: &Ticket) -> bool {
+        self.parts
+            .get(&t.tp)
+            .is_some_and(|s| s.generation == t.generation)
     }
 
     /// Stops tracking; returns the commit point reached, for a final commit before the partition goes.
@@ -68,6 +123,10 @@ impl OffsetTracker {
     /// revoke), which the caller drops: the next owner consumes it again.
     pub fn register(&mut self, tp: &TopicPartition, offset: i64) -> Option<Ticket> {
         let s = self.parts.get_mut(tp)?;
+        if s.rewinding {
+            return None;
+        }
+        s.first.get_or_insert(offset);
         s.in_flight.insert(offset);
         // The consumer's position is already here: reaching it again is not progress to store.
         s.reported.get_or_insert(offset);
@@ -171,5 +230,40 @@ mod tests {
             "stale generation must not move the new owner's point"
         );
         assert_eq!(t.complete(&new), Some(4));
+    }
+
+    #[test]
+    fn rewind_restarts_from_the_last_commit_and_fences_old_work() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp(0));
+        t.assign(tp(1));
+        let a = t.register(&tp(0), 5).unwrap();
+        assert_eq!(t.complete(&a), Some(6));
+        t.committed(&tp(0), 6);
+        let b = t.register(&tp(0), 6).unwrap();
+        let c = t.register(&tp(1), 40).unwrap();
+        let mut points = t.rewind_all();
+        points.sort();
+        assert_eq!(
+            points,
+            vec![(tp(0), 6), (tp(1), 40)],
+            "committed point, else the first offset seen"
+        );
+        assert!(!t.is_current(&b) && !t.is_current(&c));
+        assert_eq!(t.complete(&b), None, "aborted work completes into nothing");
+        assert!(
+            t.register(&tp(0), 7).is_none(),
+            "fetched before the seek: refused"
+        );
+        t.rewound(&tp(0));
+        let again = t.register(&tp(0), 6).unwrap();
+        assert_eq!(t.complete(&again), Some(7));
+        let mut again = t.rewind_all();
+        again.sort();
+        assert_eq!(
+            again,
+            vec![(tp(0), 6), (tp(1), 40)],
+            "a second abort before any commit rewinds to the same points"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! - Each finished event is produced by its own task, whose acknowledgement completes the event's
 //!   offset; the tracker turns completions into contiguous per-partition commit points.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
 use crate::assemble::{self, Assembler, CandidateMeta, Completed, EventMeta, ModelRef};
 use crate::batch::{BatchPolicy, Batcher, PairKey, PendingPair};
-use crate::config::Config;
+use crate::config::{Config, Guarantee};
 use crate::decode::{self, ErrorCode};
 use crate::dlq::{self, DlqInput};
 use crate::egress::{Egress, OutRecord};
@@ -30,6 +31,36 @@ use crate::metrics::{Health, Metrics, ModelLabels};
 use crate::offsets::{OffsetTracker, Ticket, TopicPartition};
 use crate::telemetry;
 use crate::tokenize::{EncodedPair, PairTokenizer};
+use crate::txn::{self, Rewind, TxnMsg};
+
+/// Where the worker's input comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The consumer group (`kafka.group_id`): subscribe and run until shutdown.
+    Group,
+    /// Fixed offset ranges by manual assignment, without a group or commits (`reranker replay`):
+    /// stops by itself once every partition reached its end and everything admitted is acknowledged.
+    Ranges(Vec<PartitionRange>),
+}
+
+/// Offsets `[start, end)` of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRange {
+    pub tp: TopicPartition,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// Where an acknowledged event's offset goes.
+#[derive(Clone)]
+enum Commit {
+    /// Stored for librdkafka's background auto-commit (at_least_once).
+    Store,
+    /// Nowhere: replays keep no position.
+    Nothing,
+    /// Into the open transaction, after the record (exactly_once).
+    Txn(std::sync::mpsc::Sender<TxnMsg>),
+}
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -123,6 +154,7 @@ struct Finisher {
     metrics: Arc<Metrics>,
     /// `output.propagate_headers`: which trace-context headers the event's span may write.
     propagate: Arc<[String]>,
+    commit: Commit,
 }
 
 impl Finisher {
@@ -155,6 +187,7 @@ impl Finisher {
     }
 
     /// Produces the record; on its acknowledgement completes the offset and ends the event's span.
+    /// exactly_once: hands it to the transaction thread, which releases it in offset order.
     fn finish(
         &self,
         rec: OutRecord,
@@ -163,26 +196,48 @@ impl Finisher {
         outcome: Outcome,
         span: tracing::Span,
     ) {
+        if let Commit::Txn(tx) = &self.commit {
+            let this = self.clone();
+            let done: txn::Done = Box::new(move |released| {
+                drop(span);
+                this.flow.inflight_pairs.fetch_sub(pairs, Ordering::SeqCst);
+                if released {
+                    this.count(outcome);
+                }
+            });
+            if let Err(std::sync::mpsc::SendError(TxnMsg::Finished { done, .. })) =
+                tx.send(TxnMsg::Finished { rec, ticket, done })
+            {
+                // The transaction thread stopped (fatal error): the work is redone by whoever
+                // owns the partition next.
+                done(false);
+            }
+            return;
+        }
         let this = self.clone();
         tokio::spawn(async move {
             this.egress.send(&rec).await;
             drop(span);
             let point = ingress::lock(&this.tracker).complete(&ticket);
-            if let Some(p) = point {
+            if let (Some(p), Commit::Store) = (point, &this.commit) {
                 ingress::store(&*this.consumer, &[(ticket.tp.clone(), p)]);
             }
             this.flow.inflight_pairs.fetch_sub(pairs, Ordering::SeqCst);
-            match outcome {
-                Outcome::Reranked { record_ts_ms } => {
-                    this.stats.events_out.fetch_add(1, Ordering::Relaxed);
-                    this.metrics.produced(record_ts_ms, now_ms());
-                }
-                Outcome::DeadLetter(code) => {
-                    this.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    this.metrics.dead_lettered(code);
-                }
-            }
+            this.count(outcome);
         });
+    }
+
+    fn count(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Reranked { record_ts_ms } => {
+                self.stats.events_out.fetch_add(1, Ordering::Relaxed);
+                self.metrics.produced(record_ts_ms, now_ms());
+            }
+            Outcome::DeadLetter(code) => {
+                self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                self.metrics.dead_lettered(code);
+            }
+        }
     }
 }
 
@@ -212,7 +267,17 @@ impl Worker {
 
     /// Consumes until `shutdown` resolves, then drains in-flight work within the configured deadline,
     /// commits, and returns.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<Arc<Stats>> {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<Arc<Stats>> {
+        self.run_source(shutdown, Source::Group).await
+    }
+
+    /// [`Self::run`] with the input taken from `source`. With [`Source::Ranges`] it also returns
+    /// by itself once every range is done.
+    pub async fn run_source(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+        source: Source,
+    ) -> anyhow::Result<Arc<Stats>> {
         let Worker {
             cfg,
             scorer,
@@ -236,19 +301,66 @@ impl Worker {
         let (coord_tx, coord_rx) = mpsc::unbounded_channel::<ToCoordinator>();
         let (note_tx, mut note_rx) = mpsc::unbounded_channel::<RebalanceNote>();
         let assignments = Arc::new(AtomicU64::new(0));
+        // Replays keep no position, so they need no transaction either: a failed replay is rerun.
+        let exactly_once =
+            matches!(source, Source::Group) && cfg.processing.guarantee == Guarantee::ExactlyOnce;
+        let (txn_tx, txn_rx) = std::sync::mpsc::channel::<TxnMsg>();
         let ctx = IngressContext {
             tracker: tracker.clone(),
             notes: note_tx,
             assignments: assignments.clone(),
             health: health.clone(),
+            txn: exactly_once.then(|| txn_tx.clone()),
         };
-        let consumer: StreamConsumer<IngressContext> = ingress::consumer_config(&cfg)
+        let mut client_cfg = ingress::consumer_config(&cfg);
+        match &source {
+            Source::Group if exactly_once => {
+                // Offsets travel inside the transaction, never on their own.
+                client_cfg.set("enable.auto.commit", "false");
+            }
+            Source::Group => {}
+            Source::Ranges(_) => {
+                // librdkafka's consumer API wants a group id even for manual assignment; this one
+                // never joins (no subscribe) and never commits.
+                client_cfg
+                    .set(
+                        "group.id",
+                        format!(
+                            "{}-replay-{}-{}",
+                            cfg.kafka.group_id,
+                            std::process::id(),
+                            now_ms()
+                        ),
+                    )
+                    .set("enable.auto.commit", "false")
+                    // A range ending at the high watermark has no message at its end offset:
+                    // the partition's EOF says it is done.
+                    .set("enable.partition.eof", "true");
+            }
+        }
+        let consumer: StreamConsumer<IngressContext> = client_cfg
             .create_with_context(ctx)
             .context("cannot create Kafka consumer")?;
         let consumer = Arc::new(consumer);
-        consumer
-            .subscribe(&[&cfg.kafka.input_topic])
-            .context("cannot subscribe")?;
+        let mut ranges: HashMap<TopicPartition, i64> = HashMap::new();
+        match &source {
+            Source::Group => consumer
+                .subscribe(&[&cfg.kafka.input_topic])
+                .context("cannot subscribe")?,
+            Source::Ranges(rs) => {
+                let mut tpl = TopicPartitionList::new();
+                let mut t = ingress::lock(&tracker);
+                for r in rs.iter().filter(|r| r.start < r.end) {
+                    tpl.add_partition_offset(&r.tp.topic, r.tp.partition, Offset::Offset(r.start))?;
+                    t.assign(r.tp.clone());
+                    ranges.insert(r.tp.clone(), r.end);
+                }
+                drop(t);
+                consumer.assign(&tpl).context("cannot assign partitions")?;
+                assignments.fetch_add(1, Ordering::SeqCst);
+                health.set_assigned(tpl.count());
+            }
+        }
         // Rebalance notes arrive on the consumer's callback; forward them in order with admissions.
         {
             let coord_tx = coord_tx.clone();
@@ -281,6 +393,31 @@ impl Worker {
         } else {
             None
         };
+        let (rewind_tx, rewind_rx) = mpsc::unbounded_channel::<Rewind>();
+        let txn = if exactly_once {
+            let (c, consumer, tracker, tx) = (
+                cfg.clone(),
+                consumer.clone(),
+                tracker.clone(),
+                txn_tx.clone(),
+            );
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    txn::start(&c, consumer, tracker, rewind_tx, txn_rx, tx)
+                })
+                .await
+                .context("transactional producer start panicked")??,
+            )
+        } else {
+            drop(txn_rx);
+            None
+        };
+        let commit = match (&source, exactly_once) {
+            (Source::Ranges(_), _) => Commit::Nothing,
+            (Source::Group, true) => Commit::Txn(txn_tx.clone()),
+            (Source::Group, false) => Commit::Store,
+        };
+        let finisher_commit = commit.clone();
         let finisher = Finisher {
             egress: egress.clone(),
             consumer: consumer.clone(),
@@ -289,7 +426,9 @@ impl Worker {
             stats: stats.clone(),
             metrics: metrics.clone(),
             propagate: cfg.output.propagate_headers.clone().into(),
+            commit,
         };
+        drop(txn_tx);
 
         let (infer_tx, infer_rx) = mpsc::channel::<InferRequest>(1);
         let (result_tx, result_rx) = mpsc::unbounded_channel::<InferResult>();
@@ -341,9 +480,31 @@ impl Worker {
             health: health.clone(),
             assignments,
             next_id: 0,
+            open: ranges.keys().cloned().collect(),
+            ranges,
+            rewinds: rewind_rx,
+            fatal: txn.as_ref().map(|t| t.fatal.clone()),
         };
-        ingress.run(&mut shutdown).await;
+        let exit = ingress.run(&mut shutdown).await;
 
+        if exit == Exit::RangesDone {
+            // Every partition reached its end: wait for what was admitted (no deadline: a replay
+            // is done when its work is), unless asked to stop.
+            tracing::info!("all ranges consumed; finishing admitted events");
+            let _ = coord_tx.send(ToCoordinator::Drain);
+            loop {
+                if ingress::lock(&tracker).in_flight() == 0 && coord_idle.load(Ordering::SeqCst) {
+                    break;
+                }
+                if *shutdown.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+            }
+        }
         // Drain: stop fetching, let everything admitted finish, then commit.
         tracing::info!("shutting down: draining in-flight events");
         health.set_draining();
@@ -354,7 +515,7 @@ impl Worker {
         let deadline = Instant::now() + Duration::from_millis(cfg.shutdown.drain_timeout_ms);
         loop {
             let pending = ingress::lock(&tracker).in_flight();
-            if pending == 0 && coord_idle.load(Ordering::SeqCst) {
+            if (pending == 0 && coord_idle.load(Ordering::SeqCst)) || exit == Exit::Fatal {
                 break;
             }
             if Instant::now() >= deadline {
@@ -363,11 +524,30 @@ impl Worker {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let points = ingress::lock(&tracker).commit_points();
-        ingress::store(&*consumer, &points);
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored since the last auto-commit is reported as an error too.
-            tracing::debug!(error = %e, "final commit");
+        match (&finisher_commit, &txn) {
+            (_, Some(t)) => {
+                let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+                let committed = t.tx.send(TxnMsg::Close(ack_tx)).is_ok()
+                    && tokio::task::spawn_blocking(move || {
+                        ack_rx
+                            .recv_timeout(Duration::from_secs(60))
+                            .unwrap_or(false)
+                    })
+                    .await
+                    .unwrap_or(false);
+                if !committed {
+                    tracing::warn!("final transaction not committed; the next owner re-processes from the last commit");
+                }
+            }
+            (Commit::Store, None) => {
+                let points = ingress::lock(&tracker).commit_points();
+                ingress::store(&*consumer, &points);
+                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                    // Nothing stored since the last auto-commit is reported as an error too.
+                    tracing::debug!(error = %e, "final commit");
+                }
+            }
+            _ => {}
         }
         egress.flush(Duration::from_secs(5));
         stats_task.abort();
@@ -377,10 +557,16 @@ impl Worker {
         drop(consumer);
         // The inference thread ends when the coordinator's sender is dropped with the task.
         let _ = tokio::task::spawn_blocking(move || infer_thread.join()).await;
+        if let Some(t) = txn {
+            let _ = tokio::task::spawn_blocking(move || t.thread.join()).await;
+        }
         if let Some(s) = http_server {
             s.stop().await;
         }
         stats.log("stopped");
+        if exit == Exit::Fatal {
+            anyhow::bail!("the transactional producer was fenced or failed fatally; see the log");
+        }
         Ok(stats)
     }
 }
@@ -427,31 +613,76 @@ struct Ingress<'a> {
     health: Arc<Health>,
     assignments: Arc<AtomicU64>,
     next_id: u64,
+    /// End offset (exclusive) per partition of a [`Source::Ranges`] run; empty for the group.
+    ranges: HashMap<TopicPartition, i64>,
+    /// Range partitions not yet at their end.
+    open: HashSet<TopicPartition>,
+    rewinds: mpsc::UnboundedReceiver<Rewind>,
+    fatal: Option<Arc<AtomicBool>>,
+}
+
+/// Why the ingress loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Shutdown,
+    /// Every range partition reached its end offset.
+    RangesDone,
+    /// The transactional producer cannot go on.
+    Fatal,
 }
 
 impl Ingress<'_> {
-    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) {
+    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+        let exit = self.consume(shutdown).await;
+        // Replays end here; the group keeps its partitions until the consumer is dropped.
+        if exit == Exit::RangesDone {
+            tracing::info!(
+                events = self.stats.events_in.load(Ordering::Relaxed),
+                "every partition reached its end offset"
+            );
+        }
+        exit
+    }
+
+    async fn consume(&mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+        if !self.ranges.is_empty() && self.open.is_empty() {
+            return Exit::RangesDone;
+        }
         let high = self.cfg.flow.max_inflight_pairs;
         let low = ((high as f64) * self.cfg.flow.resume_ratio) as usize;
         let mut paused = false;
         let mut seen_epoch = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let consumer = self.consumer.clone();
+        let mut fatal_tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             if *shutdown.borrow() {
-                return;
+                return Exit::Shutdown;
+            }
+            if self
+                .fatal
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::SeqCst))
+            {
+                return Exit::Fatal;
+            }
+            if !self.ranges.is_empty() && self.open.is_empty() {
+                return Exit::RangesDone;
             }
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return Exit::Shutdown,
+                Some(r) = self.rewinds.recv() => self.rewind(r),
                 _ = tick.tick(), if paused => {
                     if self.flow.inflight_pairs.load(Ordering::SeqCst) <= low {
                         self.set_paused(false);
                         paused = false;
                     }
                 }
+                _ = fatal_tick.tick(), if self.fatal.is_some() => {}
                 msg = consumer.recv() => match msg {
                     Ok(m) => self.handle(&m),
+                    Err(rdkafka::error::KafkaError::PartitionEOF(p)) => self.close_range(p),
                     Err(e) => {
                         tracing::warn!(error = %e, "consume error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -472,6 +703,55 @@ impl Ingress<'_> {
                 paused = true;
             }
         }
+    }
+
+    /// After an aborted transaction: seek every rewound partition back to its last committed
+    /// offset and drop the queued work the abort abandoned.
+    fn rewind(&mut self, Rewind(points): Rewind) {
+        let tps: Vec<TopicPartition> = points.iter().map(|(tp, _)| tp.clone()).collect();
+        let _ = self
+            .coord_tx
+            .send(ToCoordinator::Rebalance(RebalanceNote::Revoked(tps)));
+        for (tp, offset) in points {
+            // A seek waits for the fetcher; it is short, but not for a runtime thread to idle in.
+            let res = tokio::task::block_in_place(|| {
+                self.consumer.seek(
+                    &tp.topic,
+                    tp.partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(10),
+                )
+            });
+            match res {
+                Ok(()) => {
+                    ingress::lock(&self.tracker).rewound(&tp);
+                    tracing::info!(
+                        partition = tp.partition,
+                        offset,
+                        "rewound to the last commit"
+                    );
+                }
+                // Still marked rewinding: nothing of it is admitted, the next rebalance or
+                // restart resumes it from the committed offset.
+                Err(e) => {
+                    tracing::error!(partition = tp.partition, offset, error = %e, "cannot seek back after an abort")
+                }
+            }
+        }
+    }
+
+    /// A range partition reached its end: stop fetching it.
+    fn close_range(&mut self, partition: i32) {
+        let tp = TopicPartition {
+            topic: self.cfg.kafka.input_topic.clone(),
+            partition,
+        };
+        if self.open.remove(&tp) {
+            tracing::debug!(partition, "range done");
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        let _ = self.consumer.pause(&tpl);
     }
 
     fn apply_pause(&self, pause: bool) {
@@ -523,6 +803,14 @@ impl Ingress<'_> {
             topic: m.topic().to_string(),
             partition: m.partition(),
         };
+        if let Some(&end) = self.ranges.get(&tp) {
+            if m.offset() >= end {
+                return self.close_range(tp.partition);
+            }
+            if m.offset() + 1 >= end {
+                self.close_range(tp.partition);
+            }
+        }
         let Some(ticket) = ingress::lock(&self.tracker).register(&tp, m.offset()) else {
             return; // raced a revoke; the new owner consumes it
         };
