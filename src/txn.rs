@@ -138,7 +138,14 @@ impl TxnThread {
             }
             let wait = next_commit.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
-                Ok(TxnMsg::Finished { rec, ticket, done }) => self.finished(rec, ticket, done),
+                Ok(TxnMsg::Finished { rec, ticket, done }) => {
+                    self.finished(rec, ticket, done);
+                    // A steady stream of completions must not postpone the commit.
+                    if Instant::now() >= next_commit {
+                        self.commit();
+                        next_commit = Instant::now() + self.interval;
+                    }
+                }
                 Ok(TxnMsg::CommitNow(ack)) => {
                     let ok = self.commit();
                     let _ = ack.send(ok);

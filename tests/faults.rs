@@ -9,28 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-/// Small, fast events: the int8 model and 16-token pairs keep 20k events within CI time; what is
-/// under test is delivery, not scores.
-fn fast_args() -> Vec<String> {
-    vec![
-        "model.file=\"model_int8.onnx\"".into(),
-        "model.max_length=16".into(),
-        "batch.max_batch_pairs=64".into(),
-        "batch.max_batch_tokens=1024".into(),
-    ]
-}
-
-fn tiny_events(n: usize) -> Vec<Value> {
-    let base = scifact_events(300, 1);
-    (0..n)
-        .map(|i| {
-            let mut e = base[i % base.len()].clone();
-            e["request_id"] = json!(format!("req-{i}"));
-            e
-        })
-        .collect()
-}
-
 fn assert_nothing_lost(ids: &HashSet<String>, n: usize) {
     let lost: Vec<String> = (0..n)
         .map(|i| format!("req-{i}"))

@@ -1,0 +1,110 @@
+//! Broker faults on librdkafka's mock cluster, with the real binary and model: the broker goes
+//! away for a while, and produce, fetch and offset-commit requests fail; the worker recovers
+//! without a restart and every input still gets its output (at_least_once, the default).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+#[test]
+fn broker_outage_and_request_errors_lose_nothing_without_a_restart() {
+    use RDKafkaRespErr::*;
+    let n = 1500;
+    let m = mock("mock-faults", 3);
+    let rt = rt();
+    let inputs: Vec<Input> = tiny_events(n)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 3) as i32))
+        .collect();
+    rt.block_on(produce(&m.bootstrap, &m.topics.input, &inputs));
+    let mut w = WorkerProc::spawn(&m.bootstrap, &m.topics, &fast_args());
+    let t0 = Instant::now();
+    let mut phase = 0;
+    let mut down_at = None;
+    let mut ids = SeenIds::default();
+    let recs = collect(
+        &m.bootstrap,
+        &[&m.topics.output, &m.topics.dlq],
+        Duration::from_secs(120),
+        |r| {
+            let seen = ids.update(r, &m.topics.output);
+            if phase == 0 && seen >= n / 6 {
+                // Every request kind the worker depends on fails a few times, retriable and not.
+                m.cluster.request_errors(
+                    RDKafkaApiKey::Produce,
+                    &[
+                        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                        RD_KAFKA_RESP_ERR__TRANSPORT,
+                    ],
+                );
+                m.cluster.request_errors(
+                    RDKafkaApiKey::Fetch,
+                    &[
+                        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                        RD_KAFKA_RESP_ERR__TRANSPORT,
+                        RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+                    ],
+                );
+                m.cluster.request_errors(
+                    RDKafkaApiKey::OffsetCommit,
+                    &[
+                        RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                        RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+                        RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                    ],
+                );
+                phase = 1;
+            } else if phase == 1 && seen >= n / 3 {
+                m.cluster.broker_down(1).expect("broker down");
+                down_at = Some(Instant::now());
+                eprintln!("broker down at {seen} outputs, {:.1?}", t0.elapsed());
+                phase = 2;
+            } else if phase == 2 && down_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(8)) {
+                m.cluster.broker_up(1).expect("broker up");
+                eprintln!("broker up at {seen} outputs, {:.1?}", t0.elapsed());
+                phase = 3;
+            }
+            seen >= n
+        },
+    );
+    assert_eq!(
+        phase,
+        3,
+        "the run ended before the outage was over\n{}",
+        w.log_text()
+    );
+    assert!(
+        w.child.try_wait().expect("status").is_none(),
+        "the worker survived without a restart"
+    );
+    let counts = counts_by_request(&recs, &m.topics.output);
+    let lost = missing(&counts, n);
+    if !lost.is_empty() {
+        let log = w.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!(
+            "worker log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    assert!(
+        lost.is_empty(),
+        "{} lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        recs.iter().all(|r| r.topic == m.topics.output),
+        "faults must not turn good events into dead letters"
+    );
+    assert_eq!(
+        w.terminate(Duration::from_secs(60)),
+        Some(0),
+        "clean exit after the faults"
+    );
+}
