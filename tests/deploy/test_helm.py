@@ -281,7 +281,9 @@ def test_schema_config_keys_are_the_binary_keys(chart):
     schema = chart.schema["properties"]["config"]["properties"]
     assert set(schema) == set(cfg), set(schema) ^ set(cfg)
     for section, keys in cfg.items():
-        expected = set(keys) | ({"name"} if section == "model" else set())  # Option<String>, unset
+        # Option<String> keys, unset by default
+        unset = {"model": {"name"}, "processing": {"transactional_id"}}
+        expected = set(keys) | unset.get(section, set())
         assert set(schema[section]["properties"]) == expected, section
 
 
