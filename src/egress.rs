@@ -2,7 +2,12 @@
 //!
 //! A record is retried until the broker acknowledges it: the offset of its input is stored only
 //! after that ack, so giving up would either lose the event or stall the partition's commit point.
+//! The one exception is a fatal producer error (e.g. the idempotent producer's sequence state is
+//! lost): no retry can succeed, so the worker stops and the uncommitted events go to the next
+//! owner, instead of retrying forever with its partitions stalled.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -22,6 +27,8 @@ pub struct OutRecord {
 #[derive(Clone)]
 pub struct Egress {
     producer: FutureProducer,
+    /// Set on a fatal producer error; the ingress stops the worker when it sees it.
+    pub fatal: Arc<AtomicBool>,
 }
 
 pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
@@ -42,14 +49,21 @@ impl Egress {
         let producer: FutureProducer = producer_config(k)
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))?;
-        Ok(Self { producer })
+        Ok(Self {
+            producer,
+            fatal: Arc::new(AtomicBool::new(false)),
+        })
     }
 
-    /// Sends until acknowledged, backing off between failed attempts.
-    pub async fn send(&self, rec: &OutRecord) {
+    /// Sends until acknowledged, backing off between failed attempts. `false`: the producer failed
+    /// fatally and the record was not written.
+    pub async fn send(&self, rec: &OutRecord) -> bool {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
+            if self.fatal.load(Ordering::SeqCst) {
+                return false;
+            }
             let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
             for (k, v) in &rec.headers {
                 headers = headers.insert(Header {
@@ -64,8 +78,13 @@ impl Egress {
                 fr = fr.key(k);
             }
             match self.producer.send(fr, Timeout::Never).await {
-                Ok(_) => return,
+                Ok(_) => return true,
                 Err((e, _)) => {
+                    if let Some((code, reason)) = self.producer.client().fatal_error() {
+                        tracing::error!(?code, %reason, "fatal producer error; stopping the worker");
+                        self.fatal.store(true, Ordering::SeqCst);
+                        return false;
+                    }
                     attempt += 1;
                     tracing::warn!(topic = %rec.topic, attempt, error = %e, "produce failed; retrying");
                     tokio::time::sleep(backoff).await;

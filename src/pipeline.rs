@@ -216,7 +216,10 @@ impl Finisher {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            this.egress.send(&rec).await;
+            if !this.egress.send(&rec).await {
+                // Not written: the offset stays uncommitted and the worker is stopping.
+                return;
+            }
             drop(span);
             let point = ingress::lock(&this.tracker).complete(&ticket);
             if let (Some(p), Commit::Store) = (point, &this.commit) {
@@ -483,7 +486,10 @@ impl Worker {
             open: ranges.keys().cloned().collect(),
             ranges,
             rewinds: rewind_rx,
-            fatal: txn.as_ref().map(|t| t.fatal.clone()),
+            // Whichever producer writes the outputs can fail fatally.
+            fatal: txn
+                .as_ref()
+                .map_or_else(|| egress.fatal.clone(), |t| t.fatal.clone()),
         };
         let exit = ingress.run(&mut shutdown).await;
 
@@ -565,7 +571,7 @@ impl Worker {
         }
         stats.log("stopped");
         if exit == Exit::Fatal {
-            anyhow::bail!("the transactional producer was fenced or failed fatally; see the log");
+            anyhow::bail!("the Kafka producer was fenced or failed fatally; see the log");
         }
         Ok(stats)
     }
@@ -618,7 +624,7 @@ struct Ingress<'a> {
     /// Range partitions not yet at their end.
     open: HashSet<TopicPartition>,
     rewinds: mpsc::UnboundedReceiver<Rewind>,
-    fatal: Option<Arc<AtomicBool>>,
+    fatal: Arc<AtomicBool>,
 }
 
 /// Why the ingress loop ended.
@@ -659,11 +665,7 @@ impl Ingress<'_> {
             if *shutdown.borrow() {
                 return Exit::Shutdown;
             }
-            if self
-                .fatal
-                .as_ref()
-                .is_some_and(|f| f.load(Ordering::SeqCst))
-            {
+            if self.fatal.load(Ordering::SeqCst) {
                 return Exit::Fatal;
             }
             if !self.ranges.is_empty() && self.open.is_empty() {
@@ -679,7 +681,7 @@ impl Ingress<'_> {
                         paused = false;
                     }
                 }
-                _ = fatal_tick.tick(), if self.fatal.is_some() => {}
+                _ = fatal_tick.tick() => {}
                 msg = consumer.recv() => match msg {
                     Ok(m) => self.handle(&m),
                     Err(rdkafka::error::KafkaError::PartitionEOF(p)) => self.close_range(p),
