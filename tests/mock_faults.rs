@@ -108,3 +108,56 @@ fn broker_outage_and_request_errors_lose_nothing_without_a_restart() {
         "clean exit after the faults"
     );
 }
+
+/// A fatal producer error (here: a sequence gap, with `enable.gapless.guarantee`) cannot be
+/// retried away: the worker stops with an error instead of spinning with its partitions stalled, commits
+/// nothing it did not write, and a restarted worker finishes the stream.
+#[test]
+fn a_fatal_producer_error_stops_the_worker_and_a_restart_loses_nothing() {
+    let n = 200;
+    let m = mock("mock-fatal", 2);
+    let rt = rt();
+    let inputs: Vec<Input> = tiny_events(n)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 2) as i32))
+        .collect();
+    rt.block_on(produce(&m.bootstrap, &m.topics.input, &inputs));
+    // After the inputs are written: the worker's first produce requests meet the error.
+    m.cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    let mut args = fast_args();
+    args.push("kafka.producer.\"enable.gapless.guarantee\"=\"true\"".into());
+    let mut w = WorkerProc::spawn(&m.bootstrap, &m.topics, &args);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = w.child.try_wait().expect("status") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the worker kept running after a fatal producer error\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "exit {status:?}\n{}", w.log_text());
+    assert!(
+        !w.logged("fatal producer error; stopping the worker")
+            .is_empty(),
+        "{}",
+        w.log_text()
+    );
+    let _w2 = WorkerProc::spawn(&m.bootstrap, &m.topics, &fast_args());
+    let mut ids = SeenIds::default();
+    let recs = collect(
+        &m.bootstrap,
+        &[&m.topics.output],
+        Duration::from_secs(120),
+        |r| ids.update(r, &m.topics.output) >= n,
+    );
+    let counts = counts_by_request(&recs, &m.topics.output);
+    assert!(missing(&counts, n).is_empty(), "{:?}", missing(&counts, n));
+}
