@@ -24,6 +24,19 @@ pub struct OutRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+impl OutRecord {
+    pub fn kafka_headers(&self) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (k, v) in &self.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        headers
+    }
+}
+
 #[derive(Clone)]
 pub struct Egress {
     producer: FutureProducer,
@@ -64,16 +77,9 @@ impl Egress {
             if self.fatal.load(Ordering::SeqCst) {
                 return false;
             }
-            let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
-            for (k, v) in &rec.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
             let mut fr = FutureRecord::<[u8], [u8]>::to(&rec.topic)
                 .payload(&rec.payload)
-                .headers(headers);
+                .headers(rec.kafka_headers());
             if let Some(k) = &rec.key {
                 fr = fr.key(k);
             }

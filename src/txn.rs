@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -196,16 +195,9 @@ impl TxnThread {
     }
 
     fn produce(&mut self, rec: &OutRecord) {
-        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
-        for (k, v) in &rec.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
         let mut r = BaseRecord::<[u8], [u8]>::to(&rec.topic)
             .payload(&rec.payload)
-            .headers(headers);
+            .headers(rec.kafka_headers());
         if let Some(k) = &rec.key {
             r = r.key(k);
         }

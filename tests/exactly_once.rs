@@ -104,14 +104,7 @@ fn wait_until(w: &WorkerProc, what: &str, timeout: Duration, mut f: impl FnMut()
 #[ignore = "needs a broker that stores TxnOffsetCommit offsets: librdkafka's mock answers it without storing them (rdkafka_mock_handlers.c), so a successor restarts from the beginning"]
 fn hand_overs_between_workers_output_every_input_exactly_once() {
     let n = 1500;
-    let m = mock("eos-handover", 4);
-    let rt = rt();
-    let inputs: Vec<Input> = tiny_events(n)
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 4) as i32))
-        .collect();
-    rt.block_on(produce(&m.bootstrap, &m.topics.input, &inputs));
+    let m = mock_backlog("eos-handover", 4, n);
     let t0 = Instant::now();
     let mut a = WorkerProc::spawn(&m.bootstrap, &m.topics, &eos_args("eos-a"));
     wait_until(
@@ -186,14 +179,7 @@ fn hand_overs_between_workers_output_every_input_exactly_once() {
 #[test]
 fn an_aborted_transaction_is_redone_without_a_restart() {
     let n = 600;
-    let m = mock("eos-abort", 2);
-    let rt = rt();
-    let inputs: Vec<Input> = tiny_events(n)
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 2) as i32))
-        .collect();
-    rt.block_on(produce(&m.bootstrap, &m.topics.input, &inputs));
+    let m = mock_backlog("eos-abort", 2, n);
     // The first offset commit inside a transaction fails, whenever it comes.
     m.cluster.request_errors(
         RDKafkaApiKey::TxnOffsetCommit,

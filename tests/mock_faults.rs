@@ -13,14 +13,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 fn broker_outage_and_request_errors_lose_nothing_without_a_restart() {
     use RDKafkaRespErr::*;
     let n = 1500;
-    let m = mock("mock-faults", 3);
-    let rt = rt();
-    let inputs: Vec<Input> = tiny_events(n)
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 3) as i32))
-        .collect();
-    rt.block_on(produce(&m.bootstrap, &m.topics.input, &inputs));
+    let m = mock_backlog("mock-faults", 3, n);
     let mut w = WorkerProc::spawn(&m.bootstrap, &m.topics, &fast_args());
     let t0 = Instant::now();
     let mut phase = 0;
@@ -115,14 +108,7 @@ fn broker_outage_and_request_errors_lose_nothing_without_a_restart() {
 #[test]
 fn a_fatal_producer_error_stops_the_worker_and_a_restart_loses_nothing() {
     let n = 200;
-    let m = mock("mock-fatal", 2);
-    let rt = rt();
-    let inputs: Vec<Input> = tiny_events(n)
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Input::json(&format!("k{i}"), e, (i % 2) as i32))
-        .collect();
-    rt.block_on(produce(&m.bootstrap, &m.topics.input, &inputs));
+    let m = mock_backlog("mock-fatal", 2, n);
     // After the inputs are written: the worker's first produce requests meet the error.
     m.cluster.request_errors(
         RDKafkaApiKey::Produce,

@@ -453,6 +453,19 @@ pub fn mock(name: &str, partitions: i32) -> Mock {
     }
 }
 
+/// A mock cluster whose input topic holds `n` tiny events (`req-i`, key `ki`, round robin over
+/// the partitions).
+pub fn mock_backlog(name: &str, partitions: i32, n: usize) -> Mock {
+    let m = mock(name, partitions);
+    let inputs: Vec<Input> = tiny_events(n)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Input::json(&format!("k{i}"), e, i as i32 % partitions))
+        .collect();
+    rt().block_on(produce(&m.bootstrap, &m.topics.input, &inputs));
+    m
+}
+
 /// One-candidate SciFact events `req-0..n`; delivery is under test, not scores.
 pub fn tiny_events(n: usize) -> Vec<Value> {
     let base = scifact_events(300, 1);
