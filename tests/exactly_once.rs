@@ -174,8 +174,8 @@ fn hand_overs_between_workers_output_every_input_exactly_once() {
 
 /// A TxnOffsetCommit refused with a non-retriable error makes the transaction abortable: the
 /// worker aborts it, rewinds to the last commit and redoes the work, without a restart. The mock
-/// writes no abort markers, so a reader sees the aborted records too: every copy beyond one per
-/// input must be one of the records the worker reports in its aborted transaction.
+/// writes no abort markers, so a reader sees the aborted records that had reached it: every copy
+/// beyond one per input must be one of the records the worker reports in its aborted transaction.
 #[test]
 fn an_aborted_transaction_is_redone_without_a_restart() {
     let n = 600;
@@ -209,10 +209,12 @@ fn an_aborted_transaction_is_redone_without_a_restart() {
             .or_default() += 1;
     }
     assert!(missing(&counts, n).is_empty(), "{:?}", missing(&counts, n));
-    assert_eq!(
-        all.len(),
-        n + aborted,
-        "every extra copy belongs to the aborted transaction"
+    // Aborted records still queued in the client are purged by the abort; those already sent
+    // stay visible on the mock. Either way no copy beyond them.
+    let extra = all.len() - n;
+    assert!(
+        extra <= aborted && counts.values().all(|c| *c <= 2),
+        "{extra} extra copies but only {aborted} records were aborted"
     );
     eprintln!("{aborted} records aborted and redone; {} read", all.len());
     assert_eq!(w.terminate(Duration::from_secs(60)), Some(0));
