@@ -348,7 +348,7 @@ pub async fn end_to_end(
             None
         }
         None => {
-            let b = crate::broker::TansuBroker::start(None)?;
+            let b = crate::broker::TansuBroker::start()?;
             cfg.kafka.brokers = b.bootstrap();
             Some(b)
         }

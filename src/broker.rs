@@ -14,6 +14,20 @@ use rdkafka::config::ClientConfig;
 pub struct TansuBroker {
     child: Child,
     pub port: u16,
+    /// Holds the sqlite file; removed when the broker is dropped.
+    _dir: tempfile::TempDir,
+}
+
+/// Where tansu keeps its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// A sqlite file in a fresh temporary directory: correct watermarks; the default everywhere.
+    Sqlite,
+    /// tansu 0.6's memory engine reports a partition's high watermark as one past the base
+    /// offset of its last record batch, so a fetch positioned inside that batch (after a pause,
+    /// a rebalance or a restart) waits forever. Only `tests/broker.rs` starts it, to show that
+    /// its checks catch exactly this.
+    Memory,
 }
 
 /// `tansu` on PATH, else where `cargo install` puts it.
@@ -35,13 +49,25 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl TansuBroker {
-    /// Starts a broker on a free loopback port. `storage` is a tansu storage URL; `None` keeps
-    /// everything in memory.
-    pub fn start(storage: Option<&str>) -> anyhow::Result<Self> {
+    /// Starts a broker with [`Storage::Sqlite`] on a free loopback port.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Storage::Sqlite)
+    }
+
+    pub fn start_with(storage: Storage) -> anyhow::Result<Self> {
         let bin = tansu_binary().context("tansu not found: run scripts/setup.sh --with-broker")?;
         let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
-        let storage = storage.unwrap_or("memory://tansu/");
+        // tansu resolves a relative sqlite path against its working directory: a fresh temp dir
+        // per broker, so runs never share (or inherit) a topic.
+        let dir = tempfile::Builder::new()
+            .prefix("tansu-")
+            .tempdir()
+            .context("cannot create the broker's directory")?;
+        let storage = match storage {
+            Storage::Sqlite => "sqlite://tansu.db",
+            Storage::Memory => "memory://tansu/",
+        };
         let log = std::env::var_os("TANSU_LOG")
             .map(|p| std::fs::File::create(p).map(Stdio::from))
             .transpose()?
@@ -56,11 +82,16 @@ impl TansuBroker {
                 "--storage-engine",
                 storage,
             ])
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("cannot start tansu")?;
-        let mut b = Self { child, port };
+        let mut b = Self {
+            child,
+            port,
+            _dir: dir,
+        };
         b.wait_ready(Duration::from_secs(30))?;
         Ok(b)
     }

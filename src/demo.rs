@@ -73,7 +73,7 @@ pub fn scifact_events(
 
 pub async fn run(mut cfg: Config, scifact: usize) -> anyhow::Result<()> {
     eprintln!("starting a local tansu broker…");
-    let broker = TansuBroker::start(None)?;
+    let broker = TansuBroker::start()?;
     cfg.kafka.brokers = broker.bootstrap();
     create_topics(
         &cfg.kafka.brokers,

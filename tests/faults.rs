@@ -154,7 +154,7 @@ fn poison(i: usize) -> (Option<Vec<u8>>, &'static str) {
 #[test]
 fn poison_corpus_is_dead_lettered_and_good_events_flow() {
     let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
+    let broker = TansuBroker::start().expect("broker");
     let bs = broker.bootstrap();
     let t = Topics::new("poison");
     rt.block_on(t.create(&bs, 3));

@@ -316,7 +316,7 @@ fn promql_name_extraction() {
 #[test]
 fn prometheus_scrapes_worker_metrics_and_health() {
     let rt = rt();
-    let mut broker = TansuBroker::start(None).expect("broker");
+    let mut broker = TansuBroker::start().expect("broker");
     let bs = broker.bootstrap();
     let t = Topics::new("obs");
     rt.block_on(t.create(&bs, 2));

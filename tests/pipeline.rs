@@ -158,7 +158,7 @@ fn bad_inputs() -> Vec<(Option<Vec<u8>>, &'static str)> {
 #[test]
 fn bad_events_go_to_the_dead_letter_topic() {
     let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
+    let broker = TansuBroker::start().expect("broker");
     let bs = broker.bootstrap();
     let t = Topics::new("dlq");
     rt.block_on(t.create(&bs, 2));

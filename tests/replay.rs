@@ -136,7 +136,7 @@ fn outputs(bs: &str, topic: &str, n: usize) -> BTreeMap<String, (String, Value)>
 #[test]
 fn replay_selects_a_time_range_stops_by_itself_and_is_deterministic() {
     let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
+    let broker = TansuBroker::start().expect("broker");
     let bs = broker.bootstrap();
     let t = Topics::new("replay");
     rt.block_on(t.create(&bs, 2));

@@ -115,7 +115,7 @@ fn parse_traceparent(v: &[u8]) -> (String, String, String) {
 #[test]
 fn trace_context_flows_from_input_to_output_and_spans_are_exported() {
     let rt = rt();
-    let mut broker = TansuBroker::start(None).expect("broker");
+    let mut broker = TansuBroker::start().expect("broker");
     let bs = broker.bootstrap();
     let t = Topics::new("traces");
     rt.block_on(t.create(&bs, 2));

@@ -251,9 +251,12 @@ impl Input {
 }
 
 pub async fn produce(bootstrap: &str, topic: &str, inputs: &[Input]) {
+    // As production producers do: idempotent, lingering, so that many records share a batch and
+    // consumers must seek into multi-record batches after a pause, rebalance or restart.
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
         .create()
         .expect("producer");
     let mut futs = Vec::new();
@@ -404,7 +407,7 @@ pub struct Backlog {
 
 pub fn backlog(name: &str, partitions: i32, events: &[Value]) -> Backlog {
     let rt = rt();
-    let broker = TansuBroker::start(None).expect("broker");
+    let broker = TansuBroker::start().expect("broker");
     let bootstrap = broker.bootstrap();
     let topics = Topics::new(name);
     rt.block_on(topics.create(&bootstrap, partitions));
