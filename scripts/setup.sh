@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the build, tests and demo need; safe to re-run (each step is skipped when already done).
-#   scripts/setup.sh [--model DIR|URL] [--with-broker] [--with-python] [--with-prometheus] [--with-fuzz] [--with-helm] [--print-env]
+#   scripts/setup.sh [--model DIR|URL|hf:REPO[@REV]] [--with-broker] [--with-python] [--with-prometheus] [--with-fuzz] [--with-helm] [--print-env]
 # Progress goes to stderr so that `eval "$(scripts/setup.sh --print-env ...)"` sees only the env lines.
+# Model env: RERANKER_MODEL_SRC (= --model), RERANKER_MODEL_REPO / RERANKER_MODEL_REVISION (hub default
+# when ../shared has no model), RERANKER_HF_ENDPOINT (hub mirror), RERANKER_MODEL_SHA256 (pins model.onnx).
 set -euo pipefail
 
 ORT_VERSION=1.31.1
@@ -9,7 +11,7 @@ TANSU_VERSION=0.6.0
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY_TOKENIZERS_VERSION=0.23.2
 CACHE="${RERANKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/reranker}"
-MODEL_SRC="${RERANKER_MODEL_SRC:-$REPO_ROOT/../shared/models/minilm-l6-ce}"
+MODEL_SRC="${RERANKER_MODEL_SRC:-}"
 WITH_BROKER=0 WITH_PYTHON=0 WITH_PROMETHEUS=0 WITH_FUZZ=0 WITH_HELM=0 PRINT_ENV=0
 
 say() { echo "setup: $*" >&2; }
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
     --with-fuzz) WITH_FUZZ=1; shift ;;
     --with-helm) WITH_HELM=1; shift ;;
     --print-env) PRINT_ENV=1; shift ;;
-    -h|--help) sed -n '2,4p' "$0" >&2; exit 0 ;;
+    -h|--help) sed -n '2,6p' "$0" >&2; exit 0 ;;
     *) die "unknown option: $1" ;;
   esac
 done
@@ -83,27 +85,181 @@ fi
 ln -sfn "libonnxruntime.so.$ORT_VERSION" "$CACHE/ort/libonnxruntime.so"
 say "onnxruntime: $ORT_LIB"
 
-# --- Model: a local directory is used in place; a URL is a HuggingFace-style repo folder ---
-fetch() {  # fetch URL DEST: write atomically so a half download is never taken as done
-  # shellcheck disable=SC2015  # the cleanup is meant to run when either step fails
-  curl -fsL --retry 3 -o "$2.part" "$1" && mv "$2.part" "$2" || { rm -f "$2.part"; return 1; }
+# --- Model. --model/RERANKER_MODEL_SRC: a local directory (used in place), an http(s) URL of a
+# HuggingFace-style folder, or hf:REPO[@REVISION]. Neither given: the small test model in
+# ../shared/models when this checkout sits beside it, else the public cross-encoder from the hub.
+# Downloads land in a temp dir, are verified, and only then move into the cache with a manifest
+# (SHA256SUMS, written last): a cache dir without it is never taken as done. ---
+MODEL_CACHE="$CACHE/models"
+download() {  # download URL DEST: curl's -f fails on HTTP errors, and a body shorter than its
+  # Content-Length fails too (curl exit 18), so a short download never passes as a file.
+  local opts=(-fL --connect-timeout "${RERANKER_CONNECT_TIMEOUT:-5}" --retry 2 --retry-delay 1 -o "$2")
+  if [ -t 2 ]; then
+    curl "${opts[@]}" --progress-bar "$1" >&2
+  else
+    curl "${opts[@]}" -sS "$1" 2>&1 | sed 's/^/  /' >&2
+    return "${PIPESTATUS[0]}"
+  fi
 }
+check_graph() {  # check_graph FILE: the ONNX graph's input/output names, read from the protobuf
+  # directly (no onnx package): ModelProto.graph = 7, GraphProto.input = 11 / output = 12,
+  # ValueInfoProto.name = 1. Initializers are skipped by length, so the weights are never parsed.
+  python3 - "$1" <<'PY'
+import mmap, sys
+def varint(b, i):
+    r = s = 0
+    while True:
+        c = b[i]; i += 1
+        r |= (c & 0x7F) << s; s += 7
+        if c < 0x80:
+            return r, i
+def fields(b, i, end):
+    while i < end:
+        tag, i = varint(b, i)
+        f, wt = tag >> 3, tag & 7
+        if wt == 0:
+            v, i = varint(b, i); yield f, v, None
+        elif wt == 1:
+            i += 8
+        elif wt == 5:
+            i += 4
+        elif wt == 2:
+            n, i = varint(b, i)
+            if i + n > end:
+                raise ValueError("field runs past the end of the file (truncated?)")
+            yield f, i, i + n; i += n
+        else:
+            raise ValueError(f"wire type {wt} at byte {i}: not an ONNX protobuf")
+with open(sys.argv[1], "rb") as fh:
+    b = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        graph = [(s, e) for f, s, e in fields(b, 0, len(b)) if f == 7 and e is not None]
+        if not graph:
+            raise ValueError("no graph")
+        names = {11: [], 12: []}
+        for f, s, e in fields(b, *graph[-1]):
+            if f in names and e is not None:
+                names[f] += [bytes(b[s2:e2]).decode() for f2, s2, e2 in fields(b, s, e) if f2 == 1 and e2 is not None]
+    except (ValueError, IndexError, UnicodeDecodeError) as ex:
+        sys.exit(f"{sys.argv[1]} is not a readable ONNX model: {ex}")
+ins, outs = names[11], names[12]
+missing = [n for n in ("input_ids", "attention_mask") if n not in ins] + [n for n in ("logits",) if n not in outs]
+if missing:
+    sys.exit(f"ONNX graph lacks {missing} (inputs {ins}, outputs {outs}): not a sequence-classification cross-encoder export")
+print(f"  onnx graph: inputs {', '.join(ins)}; outputs {', '.join(outs)}", file=sys.stderr)
+PY
+}
+check_tokenizer() {  # check_tokenizer FILE: parses, has a model section; loads it when `tokenizers` is installed
+  python3 - "$1" <<'PY'
+import json, sys
+try:
+    t = json.load(open(sys.argv[1], encoding="utf-8"))
+    kind = t["model"]["type"]
+except Exception as ex:
+    sys.exit(f"{sys.argv[1]} is not a tokenizers JSON file: {ex!r}")
+try:
+    import tokenizers
+except ImportError:
+    print(f"  tokenizer: {kind} (JSON checked; the Python tokenizers package is not installed)", file=sys.stderr)
+    sys.exit(0)
+n = len(tokenizers.Tokenizer.from_file(sys.argv[1]).encode("a query", "a passage").ids)
+print(f"  tokenizer: {kind}, loads, a sample pair is {n} tokens", file=sys.stderr)
+PY
+}
+# fetch_model DEST SOURCE_LABEL BASE_URL MODEL_PATHS CONFIG(required|optional)
+fetch_model() {
+  local dest="$1" label="$2" base="$3" model_paths="$4" config="$5" tmp p ok got
+  mkdir -p "$MODEL_CACHE"
+  tmp="$(mktemp -d "$MODEL_CACHE/.download.XXXXXX")"
+  # shellcheck disable=SC2064  # expand $tmp now: it is this call's dir
+  trap "rm -rf '$tmp'" EXIT
+  say "downloading model $label into $dest"
+  ok=0
+  for p in $model_paths; do
+    say "  $base/$p"
+    if download "$base/$p" "$tmp/model.onnx"; then ok=1; break; fi
+  done
+  [ "$ok" = 1 ] || fetch_failed "cannot download ${model_paths// / or } under $base"
+  say "  $base/tokenizer.json"
+  download "$base/tokenizer.json" "$tmp/tokenizer.json" || fetch_failed "cannot download $base/tokenizer.json"
+  say "  $base/config.json"
+  if ! download "$base/config.json" "$tmp/config.json"; then
+    [ "$config" = optional ] || fetch_failed "cannot download $base/config.json"
+    rm -f "$tmp/config.json"; say "  (no config.json; optional for a URL source)"
+  fi
+  say "verifying the download"
+  got="$(sha256sum "$tmp/model.onnx" | cut -d' ' -f1)"
+  if [ -n "${RERANKER_MODEL_SHA256:-}" ] && [ "$got" != "${RERANKER_MODEL_SHA256,,}" ]; then
+    die "model.onnx from $label has SHA-256 $got, not RERANKER_MODEL_SHA256=$RERANKER_MODEL_SHA256; nothing was cached"
+  fi
+  check_graph "$tmp/model.onnx" || die "model.onnx from $label failed the graph check; nothing was cached"
+  check_tokenizer "$tmp/tokenizer.json" || die "tokenizer.json from $label failed to load; nothing was cached"
+  check_with_binary "$tmp" || die "reranker check-model failed on the model from $label; nothing was cached"
+  (cd "$tmp" && sha256sum -- *.json model.onnx >SHA256SUMS.part && mv SHA256SUMS.part SHA256SUMS)
+  printf 'source %s\nfetched %s\n' "$label" "$(date -u +%FT%TZ)" >"$tmp/SOURCE"
+  rm -rf "$dest"; mkdir -p "$(dirname "$dest")"
+  mv "$tmp" "$dest"
+  trap - EXIT
+  say "model.onnx sha256 $got (recorded with the others in $dest/SHA256SUMS)"
+}
+fetch_failed() {  # the hub or URL did not deliver: say what to do instead
+  die "$1; nothing was cached. Pass --model DIR|URL|hf:REPO[@REV] (an exported cross-encoder: model.onnx + tokenizer.json) or set RERANKER_MODEL_SRC; RERANKER_HF_ENDPOINT points at a hub mirror"
+}
+check_with_binary() {  # runs `reranker check-model` when the binary is already built (building it
+  # here would take minutes on a fresh clone; the worker checks the same I/O again at start)
+  local bin="${RERANKER_BIN:-$REPO_ROOT/target/release/reranker}"
+  if [ ! -x "$bin" ]; then
+    say "  ($bin not built yet: skipping reranker check-model; the worker checks the graph when it loads it)"
+    return 0
+  fi
+  say "  $bin check-model"
+  ORT_DYLIB_PATH="$ORT_LIB" "$bin" check-model --model "$1" 2>&1 | sed 's/^/    /' >&2
+  return "${PIPESTATUS[0]}"
+}
+use_cached() {  # use_cached DIR: a complete download (manifest present, files match it)
+  [ -f "$1/SHA256SUMS" ] || return 1
+  (cd "$1" && sha256sum -c --quiet --status SHA256SUMS) || { say "cached model in $1 does not match its manifest; fetching again"; return 1; }
+  if [ -n "${RERANKER_MODEL_SHA256:-}" ]; then
+    local got; got="$(grep ' model.onnx$' "$1/SHA256SUMS" | cut -d' ' -f1)"
+    [ "$got" = "${RERANKER_MODEL_SHA256,,}" ] \
+      || die "cached model.onnx in $1 has SHA-256 $got, not RERANKER_MODEL_SHA256=$RERANKER_MODEL_SHA256 (remove the dir to fetch again)"
+  fi
+}
+hub_model() {  # hub_model REPO REVISION
+  local endpoint="${RERANKER_HF_ENDPOINT:-https://huggingface.co}"
+  MODEL_DIR="$MODEL_CACHE/hf/${1//\//--}/$2"
+  if use_cached "$MODEL_DIR"; then
+    say "model: $1@$2 from the cache (verified against $MODEL_DIR/SHA256SUMS)"
+  else
+    fetch_model "$MODEL_DIR" "$1@$2 ($endpoint)" "${endpoint%/}/$1/resolve/$2" "onnx/model.onnx" required
+  fi
+}
+BUNDLED_MODEL="$REPO_ROOT/../shared/models/minilm-l6-ce"
 case "$MODEL_SRC" in
+  "")
+    if [ -d "$BUNDLED_MODEL" ]; then
+      MODEL_DIR="$(cd "$BUNDLED_MODEL" && pwd)"
+    else
+      repo="${RERANKER_MODEL_REPO:-cross-encoder/ms-marco-MiniLM-L6-v2}" rev="${RERANKER_MODEL_REVISION:-main}"
+      say "no --model given and no bundled test model at $BUNDLED_MODEL: using $repo@$rev from the hub"
+      hub_model "$repo" "$rev"
+    fi
+    ;;
+  hf:*)
+    spec="${MODEL_SRC#hf:}"
+    case "$spec" in *@*) hub_model "${spec%@*}" "${spec##*@}" ;; *) hub_model "$spec" "${RERANKER_MODEL_REVISION:-main}" ;; esac
+    ;;
   http://*|https://*)
     base="${MODEL_SRC%/}"
-    MODEL_DIR="$CACHE/models/$(printf '%s' "$base" | sed -E 's#^https?://##; s#[^A-Za-z0-9._-]+#_#g')"
-    if [ ! -f "$MODEL_DIR/model.onnx" ] || [ ! -f "$MODEL_DIR/tokenizer.json" ]; then
-      say "downloading model from $base"
-      mkdir -p "$MODEL_DIR"
-      [ -f "$MODEL_DIR/model.onnx" ] || fetch "$base/model.onnx" "$MODEL_DIR/model.onnx" \
-        || fetch "$base/onnx/model.onnx" "$MODEL_DIR/model.onnx" || die "no model.onnx or onnx/model.onnx under $base"
-      [ -f "$MODEL_DIR/tokenizer.json" ] || fetch "$base/tokenizer.json" "$MODEL_DIR/tokenizer.json" \
-        || die "no tokenizer.json under $base"
-      fetch "$base/config.json" "$MODEL_DIR/config.json" || say "no config.json under $base (optional)"
+    MODEL_DIR="$MODEL_CACHE/$(printf '%s' "$base" | sed -E 's#^https?://##; s#[^A-Za-z0-9._-]+#_#g')"
+    if use_cached "$MODEL_DIR"; then
+      say "model: $base from the cache (verified against $MODEL_DIR/SHA256SUMS)"
+    else
+      fetch_model "$MODEL_DIR" "$base" "$base" "model.onnx onnx/model.onnx" optional
     fi
     ;;
   *)
-    [ -d "$MODEL_SRC" ] || die "model directory not found: $MODEL_SRC (pass --model DIR|URL or set RERANKER_MODEL_SRC)"
+    [ -d "$MODEL_SRC" ] || die "model directory not found: $MODEL_SRC (pass --model DIR|URL|hf:REPO[@REV] or set RERANKER_MODEL_SRC)"
     MODEL_DIR="$(cd "$MODEL_SRC" && pwd)"
     ;;
 esac

@@ -29,4 +29,13 @@ if [ "${DEPLOY_TESTS:-1}" != 0 ]; then
 fi
 # --- end deploy checks ---
 
+# --- model fetch checks (tests/setup): scripts/setup.sh from a clone without ../shared against a
+# local server laid out like the Hugging Face hub; check-model runs with the binary just built.
+# SETUP_TESTS=0 skips them. ---
+if [ "${SETUP_TESTS:-1}" != 0 ]; then
+  bash scripts/setup.sh --with-helm --print-env >/dev/null   # pytest
+  RERANKER_BIN="$PWD/target/release/reranker" PYTHONDONTWRITEBYTECODE=1 \
+    python3 -m pytest -q -p no:cacheprovider tests/setup
+fi
+
 cargo test --release --locked "$@"
