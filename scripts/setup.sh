@@ -293,8 +293,28 @@ if [ "$WITH_BROKER" = 1 ] && ! command -v tansu >/dev/null 2>&1; then
     done
   fi
   if ! command -v tansu >/dev/null 2>&1; then
-    say "building tansu $TANSU_VERSION (cargo install, ~20 CPU-minutes)"
-    cargo install --locked "tansu@$TANSU_VERSION" --features dynostore,libsql >&2
+    log="$CACHE/tansu-build.log"
+    say "building tansu $TANSU_VERSION, the Kafka-compatible broker that the demo and the tests start"
+    say "  (cargo install, once: ~20 CPU-minutes, ~10 min on 2 cores; log $log)"
+    say "  a first look needs no broker: scripts/demo.sh --broker mock"
+    # cargo's own progress bar is one line that says little when redrawn for ten minutes; a
+    # line every 30 s with the crate count and the crate at hand shows that it moves.
+    cargo install --locked "tansu@$TANSU_VERSION" --features dynostore,libsql >"$log" 2>&1 &
+    pid=$! start=$SECONDS next=30
+    while kill -0 "$pid" 2>/dev/null; do
+      sleep 2
+      if [ $((SECONDS - start)) -ge "$next" ]; then
+        next=$((next + 30))
+        n=$(grep -c '^ *Compiling ' "$log" || true)
+        now=$(grep '^ *Compiling ' "$log" | tail -n 1 | sed -E 's/^ *Compiling +//')
+        say "  tansu build: $(((SECONDS - start) / 60))m$(((SECONDS - start) % 60))s, $n crates compiled${now:+, now $now}"
+      fi
+    done
+    if ! wait "$pid"; then
+      tail -n 30 "$log" >&2
+      die "tansu build failed (full log: $log)"
+    fi
+    say "  tansu built in $(((SECONDS - start) / 60))m$(((SECONDS - start) % 60))s"
   fi
   command -v tansu >/dev/null 2>&1 || die "tansu is still not on PATH after cargo install"
 fi
