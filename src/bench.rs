@@ -200,6 +200,21 @@ pub fn check_model(cfg: &ModelConfig) -> anyhow::Result<()> {
     println!("activation {}", info.activation);
     println!("device     {}", info.device);
     println!("loaded in  {:.2} s", t0.elapsed().as_secs_f64());
+    // The tokenizer too: a model directory is only usable when both load and agree.
+    let tok = PairTokenizer::from_file(&cfg.dir.join("tokenizer.json"), cfg.max_length)?;
+    let sample = tok.encode(
+        "what does a cross-encoder do?",
+        "A cross-encoder reads a query and a passage together and scores their relevance.",
+    )?;
+    let s = scorer.score(&TensorBatch::from_pairs(
+        std::iter::once(&sample),
+        tok.pad_id(),
+    ))?;
+    println!(
+        "tokenizer  loads; a sample pair is {} tokens, logit {:.3}",
+        sample.len(),
+        s[0].logit
+    );
     let reference = cfg.dir.join("reference.jsonl");
     let mut ok = true;
     if reference.exists() {

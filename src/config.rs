@@ -380,12 +380,17 @@ pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigE
         fig = fig.merge(Toml::file_exact(path));
     }
     // `__` separates nesting so that keys containing `_` survive: RERANKER_BATCH__MAX_WAIT_MS.
-    // RERANKER_CACHE and RERANKER_MODEL_SRC belong to scripts/setup.sh, not to the worker.
-    fig = fig.merge(
-        Env::prefixed("RERANKER_")
-            .split("__")
-            .ignore(&["cache", "model_src"]),
-    );
+    // These belong to scripts/setup.sh (and its tests), not to the worker.
+    fig = fig.merge(Env::prefixed("RERANKER_").split("__").ignore(&[
+        "cache",
+        "model_src",
+        "model_repo",
+        "model_revision",
+        "model_sha256",
+        "hf_endpoint",
+        "connect_timeout",
+        "bin",
+    ]));
     for ov in overrides {
         fig = fig.merge(Toml::string(&override_doc(ov)?));
     }

@@ -207,7 +207,7 @@ impl Scorer {
         let path = cfg.dir.join(&cfg.file);
         if !path.exists() {
             bail!(
-                "model file {} does not exist (model.dir / model.file; scripts/setup.sh --model DIR|URL prepares one)",
+                "model file {} does not exist (--model-dir or model.dir / model.file; scripts/setup.sh --model DIR|URL|hf:REPO or RERANKER_MODEL_SRC prepares one)",
                 path.display()
             );
         }
