@@ -46,11 +46,7 @@ pub fn scifact_events(
     top_n: usize,
     prefix: &str,
 ) -> anyhow::Result<Vec<Value>> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let rows: Vec<Value> = std::io::BufReader::new(flate2::read::GzDecoder::new(f))
-        .lines()
-        .map(|l| Ok(serde_json::from_str(&l?)?))
-        .collect::<anyhow::Result<_>>()?;
+    let rows = read_jsonl(path)?;
     anyhow::ensure!(!rows.is_empty(), "{} holds no queries", path.display());
     Ok((0..n)
         .map(|i| {
@@ -69,6 +65,28 @@ pub fn scifact_events(
             })
         })
         .collect())
+}
+
+/// One JSON value per line; gzip-compressed or plain (told apart by the gzip magic bytes).
+pub fn read_jsonl(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut magic = [0u8; 2];
+    let gz = std::io::Read::read(&mut f, &mut magic)? == 2 && magic == [0x1f, 0x8b];
+    std::io::Seek::rewind(&mut f)?;
+    let r: Box<dyn BufRead> = if gz {
+        Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(f)))
+    } else {
+        Box::new(std::io::BufReader::new(f))
+    };
+    r.lines()
+        .filter(|l| l.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(&l?)
+                .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))
+        })
+        .collect()
 }
 
 pub async fn run(mut cfg: Config, scifact: usize) -> anyhow::Result<()> {

@@ -21,4 +21,5 @@ pub mod pipeline;
 pub mod replay;
 pub mod telemetry;
 pub mod tokenize;
+pub mod tools;
 pub mod txn;

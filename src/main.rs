@@ -34,6 +34,10 @@ enum Cmd {
     CheckModel(CheckModelArgs),
     /// Benchmarks. `--model-only`: pairs/s of the bare ONNX Runtime session per batch shape.
     Bench(BenchArgs),
+    /// Choose K (candidates reranked per event) and N (outputs): quality before/after reranking
+    /// and cost per K on labelled retrieval results; recommends the smallest K within 1% of the
+    /// best nDCG@10.
+    Tune(TuneArgs),
 }
 
 #[derive(Args, Clone)]
@@ -134,6 +138,37 @@ struct DemoArgs {
     /// Extra SciFact queries fed after the built-in examples.
     #[arg(long, default_value_t = 3)]
     scifact_events: usize,
+}
+
+#[derive(Args, Clone)]
+struct TuneArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Labelled retrieval results, JSONL or .jsonl.gz: SciFact rows {query_id, query,
+    /// candidates} or retrieval-result events (request_id = the qrels' query id).
+    #[arg(long, default_value = reranker::demo::SCIFACT)]
+    data: PathBuf,
+    /// Relevance judgments: TSV query-id, corpus-id, score.
+    #[arg(long, default_value = reranker::tools::tune::SCIFACT_QRELS)]
+    qrels: PathBuf,
+    /// Candidates per event to rerank.
+    #[arg(long = "k", value_delimiter = ',', default_value = "10,20,50,100")]
+    ks: Vec<usize>,
+    /// Outputs per event: recall@N is reported for each.
+    #[arg(long = "n", value_delimiter = ',', default_value = "3,10")]
+    ns: Vec<usize>,
+    /// Judged queries to evaluate (0 = all); the max-K pass scores queries × max(K) pairs.
+    #[arg(long, default_value_t = 50)]
+    queries: usize,
+    /// Events per K timed for pairs/s and latency.
+    #[arg(long, default_value_t = 10)]
+    cost_queries: usize,
+    /// JSON report (per-K metrics and every score).
+    #[arg(long, default_value = "tune-report.json")]
+    out: PathBuf,
+    /// Plot of quality and cost against K (SVG).
+    #[arg(long, default_value = "tune-report.svg")]
+    plot: PathBuf,
 }
 
 impl ConfigArgs {
@@ -295,6 +330,34 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let cfg = a.config.load()?;
             let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
             reranker::demo::run(cfg, a.scifact_events).await
+        }
+        Cmd::Tune(a) => {
+            let cfg = a.config.load()?;
+            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
+            let opts = reranker::tools::tune::TuneOptions {
+                data: a.data.clone(),
+                qrels: a.qrels.clone(),
+                ks: a.ks.clone(),
+                ns: a.ns.clone(),
+                queries: a.queries,
+                cost_queries: a.cost_queries,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report =
+                tokio::task::spawn_blocking(move || reranker::tools::tune::run(&cfg, &opts))
+                    .await??;
+            std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("cannot write {}", a.out.display()))?;
+            std::fs::write(&a.plot, reranker::tools::tune::svg(&report))
+                .with_context(|| format!("cannot write {}", a.plot.display()))?;
+            print!("{}", reranker::tools::tune::table(&report));
+            eprintln!(
+                "wrote {} and {} in {:.0} s",
+                a.out.display(),
+                a.plot.display(),
+                report.wall_s
+            );
+            Ok(())
         }
     }
 }

@@ -1,0 +1,3 @@
+//! Tools around the worker (not on its data path).
+
+pub mod tune;
