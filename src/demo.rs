@@ -89,19 +89,78 @@ pub fn read_jsonl(path: &Path) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
-pub async fn run(mut cfg: Config, scifact: usize) -> anyhow::Result<()> {
-    eprintln!("starting a local tansu broker…");
-    let broker = TansuBroker::start()?;
-    cfg.kafka.brokers = broker.bootstrap();
-    create_topics(
-        &cfg.kafka.brokers,
-        &[
-            (&cfg.kafka.input_topic, 4),
-            (&cfg.kafka.output_topic, 4),
-            (&cfg.kafka.dlq_topic, 1),
-        ],
-    )
-    .await?;
+/// Where the demo's topics live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoBroker {
+    /// A local tansu broker process (a real Kafka protocol server; built by scripts/setup.sh).
+    Tansu,
+    /// librdkafka's in-process mock cluster: nothing to build or start, for a first look.
+    Mock,
+}
+
+// Held for their Drop: the broker lives until the demo ends.
+#[allow(dead_code)]
+enum Running {
+    Tansu(TansuBroker),
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+/// SHA-256 prefixes (the outputs' `model.revision`) of the small test model in
+/// ../shared/models/minilm-l6-ce: model.onnx and model_int8.onnx.
+const BUNDLED_REVISIONS: [&str; 2] = ["e2c92fb83adf110b", "6b2b74f8b4bdc42d"];
+
+/// What the demo says about its model before it starts: its name and file, and, for the small
+/// bundled test model, that it is not one to judge reranking by.
+pub fn model_banner(cfg: &Config) -> Vec<String> {
+    let file = cfg.model.dir.join(&cfg.model.file);
+    let Ok(rev) = crate::infer::file_revision(&file) else {
+        return Vec::new(); // the worker's load names the problem
+    };
+    let mut lines = vec![format!(
+        "model: {} @ {rev} ({})",
+        cfg.model_name(),
+        file.display()
+    )];
+    if BUNDLED_REVISIONS.contains(&rev.as_str()) {
+        lines.push(
+            "note: this is the small MiniLM-L6 test cross-encoder from ../shared (a few CPU-hours of training; it misranks the Jim Carrey example): fine for plumbing, not for quality; pass --model-dir a published cross-encoder export for real use (README: \"Model and quality\")".into(),
+        );
+    }
+    lines
+}
+
+pub async fn run(mut cfg: Config, scifact: usize, broker: DemoBroker) -> anyhow::Result<()> {
+    for line in model_banner(&cfg) {
+        eprintln!("{line}");
+    }
+    let (input, output, dlq) = (
+        cfg.kafka.input_topic.clone(),
+        cfg.kafka.output_topic.clone(),
+        cfg.kafka.dlq_topic.clone(),
+    );
+    let topics = [(input.as_str(), 4), (output.as_str(), 4), (dlq.as_str(), 1)];
+    let broker = match broker {
+        DemoBroker::Tansu => {
+            eprintln!("starting a local tansu broker…");
+            let b = TansuBroker::start()?;
+            cfg.kafka.brokers = b.bootstrap();
+            create_topics(&cfg.kafka.brokers, &topics).await?;
+            Running::Tansu(b)
+        }
+        DemoBroker::Mock => {
+            eprintln!(
+                "starting librdkafka's in-process mock cluster (no broker process; `--broker tansu` runs a real one)…"
+            );
+            let c =
+                rdkafka::mocking::MockCluster::new(1).context("cannot start the mock cluster")?;
+            for (t, p) in topics {
+                c.create_topic(t, p, 1)
+                    .with_context(|| format!("cannot create mock topic {t}"))?;
+            }
+            cfg.kafka.brokers = c.bootstrap_servers();
+            Running::Mock(c)
+        }
+    };
 
     let mut events = vec![jim_carrey_event()];
     match scifact_events(Path::new(SCIFACT), scifact, 20, 3, "scifact-") {

@@ -138,6 +138,9 @@ struct DemoArgs {
     /// Extra SciFact queries fed after the built-in examples.
     #[arg(long, default_value_t = 3)]
     scifact_events: usize,
+    /// `mock`: librdkafka's in-process mock cluster, nothing to build; `tansu`: a real broker process.
+    #[arg(long, value_enum, default_value = "tansu")]
+    broker: reranker::demo::DemoBroker,
 }
 
 #[derive(Args, Clone)]
@@ -329,7 +332,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo(a) => {
             let cfg = a.config.load()?;
             let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
-            reranker::demo::run(cfg, a.scifact_events).await
+            reranker::demo::run(cfg, a.scifact_events, a.broker).await
         }
         Cmd::Tune(a) => {
             let cfg = a.config.load()?;
