@@ -227,7 +227,9 @@ use_cached() {  # use_cached DIR: a complete download (manifest present, files m
 }
 hub_model() {  # hub_model REPO REVISION
   local endpoint="${RERANKER_HF_ENDPOINT:-https://huggingface.co}"
-  MODEL_DIR="$MODEL_CACHE/hf/${1//\//--}/$2"
+  # One dir per repo and revision, named so that the worker's default model name (the dir's
+  # name) says which: cross-encoder--ms-marco-MiniLM-L6-v2@main.
+  MODEL_DIR="$MODEL_CACHE/hf/${1//\//--}@$2"
   if use_cached "$MODEL_DIR"; then
     say "model: $1@$2 from the cache (verified against $MODEL_DIR/SHA256SUMS)"
   else

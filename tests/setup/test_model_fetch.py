@@ -24,7 +24,7 @@ SHARED_MODEL = REPO.parent / "shared" / "models" / "minilm-l6-ce"
 ORT_VERSION = "1.31.1"
 HUB_REPO = "cross-encoder/ms-marco-MiniLM-L6-v2"
 REVISION = "0123abcd"  # pinned: the server answers only under this revision
-CACHED = Path("models/hf/cross-encoder--ms-marco-MiniLM-L6-v2") / REVISION
+CACHED = Path("models/hf") / f"cross-encoder--ms-marco-MiniLM-L6-v2@{REVISION}"
 
 
 def ort_library():
