@@ -154,6 +154,9 @@ impl IngressContext {
     }
 }
 
+/// The consumer's `fetch.wait.max.ms` unless `[kafka.consumer]` sets it (see below why not 500).
+pub const FETCH_WAIT_MAX_MS: u64 = 100;
+
 pub fn consumer_config(cfg: &Config) -> ClientConfig {
     let k = &cfg.kafka;
     let mut c = ClientConfig::new();
@@ -166,7 +169,7 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         // A fetch that finds nothing waits this long at the broker. Kafka answers as soon as data
         // arrives, but not every Kafka-compatible broker does (tansu waits it out), and then
         // librdkafka's 500 ms lands on the latency of the next event after a quiet spell.
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string())
         .set(
             "queued.max.messages.kbytes",
             cfg.flow.fetch_queue_kbytes.to_string(),

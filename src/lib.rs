@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
 pub mod replay;
+pub mod stall;
 pub mod telemetry;
 pub mod tokenize;
 pub mod tools;

@@ -249,6 +249,8 @@ pub struct Worker {
     scorer: Scorer,
     tokenizer: Arc<PairTokenizer>,
     pub stats: Arc<Stats>,
+    /// Stop with an error when a partition stalls, instead of only reporting it.
+    stop_on_stall: bool,
 }
 
 impl Worker {
@@ -265,7 +267,16 @@ impl Worker {
             scorer,
             tokenizer,
             stats: Arc::new(Stats::default()),
+            stop_on_stall: false,
         })
+    }
+
+    /// For runs that must end (benchmarks, replays): a stalled partition stops the worker with an
+    /// error naming it, rather than leaving the run waiting forever. A serving worker only
+    /// reports it (log, metric, `/readyz`): the broker may recover.
+    pub fn stop_on_stall(mut self) -> Self {
+        self.stop_on_stall = true;
+        self
     }
 
     /// Consumes until `shutdown` resolves, then drains in-flight work within the configured deadline,
@@ -286,6 +297,7 @@ impl Worker {
             scorer,
             tokenizer,
             stats,
+            stop_on_stall,
         } = self;
         let info = scorer.info().clone();
         tracing::info!(model = %info.name, revision = %info.revision, device = info.device, "model loaded");
@@ -295,9 +307,10 @@ impl Worker {
             activation: info.activation.to_string(),
         };
 
-        let health = Arc::new(Health::new(Duration::from_millis(
-            cfg.http.broker_timeout_ms,
-        )));
+        let health = Arc::new(Health::new(
+            Duration::from_millis(cfg.http.broker_timeout_ms),
+            cfg.stall_after(),
+        ));
         // Worker::load warmed the session up before `run` could be called.
         health.set_model_warmed();
         let tracker: Tracker = Arc::new(std::sync::Mutex::new(OffsetTracker::new()));
@@ -486,6 +499,7 @@ impl Worker {
             open: ranges.keys().cloned().collect(),
             ranges,
             rewinds: rewind_rx,
+            stop_on_stall,
             // Whichever producer writes the outputs can fail fatally.
             fatal: txn
                 .as_ref()
@@ -521,7 +535,9 @@ impl Worker {
         let deadline = Instant::now() + Duration::from_millis(cfg.shutdown.drain_timeout_ms);
         loop {
             let pending = ingress::lock(&tracker).in_flight();
-            if (pending == 0 && coord_idle.load(Ordering::SeqCst)) || exit == Exit::Fatal {
+            if (pending == 0 && coord_idle.load(Ordering::SeqCst))
+                || matches!(exit, Exit::Fatal | Exit::Stalled)
+            {
                 break;
             }
             if Instant::now() >= deadline {
@@ -570,8 +586,18 @@ impl Worker {
             s.stop().await;
         }
         stats.log("stopped");
-        if exit == Exit::Fatal {
-            anyhow::bail!("the Kafka producer was fenced or failed fatally; see the log");
+        match exit {
+            Exit::Fatal => {
+                anyhow::bail!("the Kafka producer was fenced or failed fatally; see the log")
+            }
+            Exit::Stalled => {
+                let list: Vec<String> = health.stalled().iter().map(|s| s.to_string()).collect();
+                anyhow::bail!(
+                    "stopped: partitions stalled (records behind the high watermark, position not moving): {}",
+                    list.join(", ")
+                )
+            }
+            Exit::Shutdown | Exit::RangesDone => {}
         }
         Ok(stats)
     }
@@ -625,6 +651,7 @@ struct Ingress<'a> {
     open: HashSet<TopicPartition>,
     rewinds: mpsc::UnboundedReceiver<Rewind>,
     fatal: Arc<AtomicBool>,
+    stop_on_stall: bool,
 }
 
 /// Why the ingress loop ended.
@@ -635,6 +662,8 @@ enum Exit {
     RangesDone,
     /// The transactional producer cannot go on.
     Fatal,
+    /// A partition stalled and the run was asked to stop on stalls.
+    Stalled,
 }
 
 impl Ingress<'_> {
@@ -667,6 +696,9 @@ impl Ingress<'_> {
             }
             if self.fatal.load(Ordering::SeqCst) {
                 return Exit::Fatal;
+            }
+            if self.stop_on_stall && !self.health.stalled().is_empty() {
+                return Exit::Stalled;
             }
             if !self.ranges.is_empty() && self.open.is_empty() {
                 return Exit::RangesDone;
@@ -751,6 +783,7 @@ impl Ingress<'_> {
         if self.open.remove(&tp) {
             tracing::debug!(partition, "range done");
         }
+        self.health.set_partition_done(tp.clone());
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&tp.topic, tp.partition);
         let _ = self.consumer.pause(&tpl);

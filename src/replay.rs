@@ -171,9 +171,11 @@ pub async fn run(
         });
     }
     let c = cfg.clone();
+    // A replay must end: a partition that stops moving short of its end is an error.
     let worker = tokio::task::spawn_blocking(move || Worker::load(c))
         .await
-        .context("model loading panicked")??;
+        .context("model loading panicked")??
+        .stop_on_stall();
     let stats = worker.stats.clone();
 
     let bar = indicatif::ProgressBar::with_draw_target(
