@@ -162,7 +162,7 @@ impl Health {
                 low_watermark = s.low_watermark,
                 high_watermark = s.high_watermark,
                 stalled_ms = s.since.elapsed().as_millis() as u64,
-                "partition stalled: records behind the high watermark, position not moving"
+                "partition stalled: position not moving and not at the high watermark"
             );
         }
         for tp in &changes.recovered {

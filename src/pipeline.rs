@@ -593,7 +593,7 @@ impl Worker {
             Exit::Stalled => {
                 let list: Vec<String> = health.stalled().iter().map(|s| s.to_string()).collect();
                 anyhow::bail!(
-                    "stopped: partitions stalled (records behind the high watermark, position not moving): {}",
+                    "stopped: partitions stalled (position not moving and not at the high watermark): {}",
                     list.join(", ")
                 )
             }
