@@ -1,24 +1,22 @@
 //! Streaming cross-encoder reranker: Kafka in, ONNX Runtime in the middle, Kafka out.
-//!
-//! The modules follow the pipeline: [`config`] → [`ingress`] → [`decode`] → [`tokenize`] →
-//! [`batch`] → [`infer`] → [`assemble`] → [`egress`] / [`dlq`] → [`offsets`]; [`pipeline`] wires them.
 
 pub mod assemble;
 pub mod batch;
-pub mod bench;
-pub mod broker;
 pub mod config;
 pub mod decode;
-pub mod demo;
 pub mod dlq;
-pub mod egress;
-pub mod http;
-pub mod infer;
-pub mod ingress;
-pub mod metrics;
+pub mod kafka;
+pub mod model;
+pub mod obs;
 pub mod offsets;
-pub mod pipeline;
 pub mod replay;
-pub mod telemetry;
 pub mod tokenize;
-pub mod txn;
+pub mod tools;
+pub mod worker;
+
+// The old flat paths, until the modules are split along the new tree.
+pub use kafka::{consumer as ingress, producer as egress, txn};
+pub use model as infer;
+pub use obs::{http, metrics, telemetry};
+pub use tools::{bench, broker, demo};
+pub use worker as pipeline;

@@ -1,0 +1,3 @@
+pub mod consumer;
+pub mod producer;
+pub mod txn;
