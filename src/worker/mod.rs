@@ -854,7 +854,7 @@ impl Ingress<'_> {
                         &tp,
                         ticket,
                         headers,
-                        ErrorCode::InferenceFailed,
+                        ErrorCode::TokenizationFailed,
                         &msg,
                         &span,
                     );
