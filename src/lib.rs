@@ -1,4 +1,9 @@
 //! Streaming cross-encoder reranker: Kafka in, ONNX Runtime in the middle, Kafka out.
+//!
+//! The modules follow the data flow (see ARCHITECTURE.md): [`kafka::consumer`] →
+//! [`worker::admit`] ([`decode`], [`tokenize`]) → [`batch`] → [`model`] → [`assemble`] →
+//! [`worker::finish`] ([`dlq`]) → [`kafka::producer`] | [`kafka::txn`] → [`offsets`];
+//! [`worker`] wires them, [`obs`] observes them, [`tools`] are the commands around them.
 
 pub mod assemble;
 pub mod batch;
@@ -14,9 +19,14 @@ pub mod tokenize;
 pub mod tools;
 pub mod worker;
 
-// The old flat paths, until the modules are split along the new tree.
-pub use kafka::{consumer as ingress, producer as egress, txn};
-pub use model as infer;
-pub use obs::{http, metrics, telemetry};
-pub use tools::{bench, broker, demo};
-pub use worker as pipeline;
+// The tests' and tools' paths from before the tools moved.
+pub use tools::{broker, demo};
+
+/// Wall-clock milliseconds since the epoch (record timestamps, dead letters, outputs).
+pub fn now_ms() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,5 +1,5 @@
-//! Metrics and health state: OpenTelemetry instruments exported as Prometheus text on `/metrics`
-//! (see [`crate::http`]), and the facts `/readyz` decides on.
+//! OpenTelemetry instruments, exported as Prometheus text on `/metrics` (see [`super::http`]).
+//! Events reach them through [`super::recorder::Recorder`], never directly.
 //!
 //! Instruments are created once per worker and shared through `Arc<Metrics>`; hot-path recordings
 //! carry no attributes (the SDK's lock-free / single-lock no-attribute path) and never allocate.
@@ -27,18 +27,16 @@
 //! | `reranker.inflight.pairs` (`{pair}`) | `reranker_inflight_pairs` |
 //! | `reranker.model.info` (=1; `model.name`, `model.revision`, `device`) | `reranker_model_info{model_name, model_revision, device}` |
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::health::Health;
+use super::telemetry;
+use crate::config::OtelConfig;
+use crate::decode::ErrorCode;
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider, ObservableGauge};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use rdkafka::Statistics;
-
-use crate::config::OtelConfig;
-use crate::decode::ErrorCode;
-use crate::telemetry;
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -55,143 +53,6 @@ const TOKEN_BUCKETS: &[f64] = &[
 ];
 const RATIO_BUCKETS: &[f64] = &[0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
-/// Consumer lag of one assigned partition, with its attributes built once per statistics report.
-struct LagPoint {
-    attrs: [KeyValue; 2],
-    lag: i64,
-}
-
-/// What `/readyz` and the gauges read; written by the rebalance and statistics callbacks, the
-/// ingress loop and the worker's start/stop.
-pub struct Health {
-    epoch: Instant,
-    broker_timeout: Duration,
-    model_warmed: AtomicBool,
-    draining: AtomicBool,
-    assigned: AtomicUsize,
-    paused: AtomicBool,
-    /// Milliseconds after `epoch`, plus one, when a broker was last seen connected; 0 = never.
-    broker_seen: AtomicU64,
-    lag: Mutex<Vec<LagPoint>>,
-}
-
-impl Health {
-    pub fn new(broker_timeout: Duration) -> Self {
-        Self {
-            epoch: Instant::now(),
-            broker_timeout,
-            model_warmed: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            assigned: AtomicUsize::new(0),
-            paused: AtomicBool::new(false),
-            broker_seen: AtomicU64::new(0),
-            lag: Mutex::new(Vec::new()),
-        }
-    }
-
-    pub fn set_model_warmed(&self) {
-        self.model_warmed.store(true, Ordering::Relaxed);
-    }
-
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    pub fn set_assigned(&self, partitions: usize) {
-        self.assigned.store(partitions, Ordering::Relaxed);
-    }
-
-    pub fn assigned(&self) -> usize {
-        self.assigned.load(Ordering::Relaxed)
-    }
-
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
-    }
-
-    /// Partitions currently paused by backpressure (the ingress pauses its whole assignment).
-    pub fn paused_partitions(&self) -> usize {
-        if self.paused.load(Ordering::Relaxed) {
-            self.assigned()
-        } else {
-            0
-        }
-    }
-
-    /// A broker answered (group assignment) or a statistics report showed a connection up.
-    pub fn broker_seen(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
-        self.broker_seen.store(ms, Ordering::Relaxed);
-    }
-
-    /// Takes the consumer's librdkafka statistics: broker connection state and per-partition lag
-    /// of the partitions this consumer owns (`desired`).
-    pub fn on_statistics(&self, s: &Statistics) {
-        if s.brokers.values().any(|b| b.state == "UP") {
-            self.broker_seen();
-        }
-        let mut points = Vec::new();
-        for (topic, t) in &s.topics {
-            for p in t.partitions.values() {
-                // -1 is librdkafka's internal "unassigned" partition.
-                if p.partition < 0 || !p.desired {
-                    continue;
-                }
-                // Lag against the committed offset; before the first commit only the stored one
-                // is known; unknown (-1) is left out rather than reported as zero.
-                let lag = if p.consumer_lag >= 0 {
-                    p.consumer_lag
-                } else {
-                    p.consumer_lag_stored
-                };
-                if lag < 0 {
-                    continue;
-                }
-                points.push(LagPoint {
-                    attrs: [
-                        KeyValue::new("messaging.destination.name", topic.clone()),
-                        KeyValue::new(
-                            "messaging.destination.partition.id",
-                            p.partition.to_string(),
-                        ),
-                    ],
-                    lag,
-                });
-            }
-        }
-        *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = points;
-    }
-
-    /// `Ok` when the worker can do its job; otherwise a short reason for `/readyz`.
-    pub fn readiness(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Err("shutting down".into());
-        }
-        if !self.model_warmed.load(Ordering::Relaxed) {
-            return Err("model not warmed up".into());
-        }
-        if self.assigned() == 0 {
-            return Err("no partitions assigned".into());
-        }
-        match self.broker_seen.load(Ordering::Relaxed) {
-            0 => Err("broker not reachable: no connected broker seen yet".into()),
-            seen => {
-                let age = Duration::from_millis(
-                    (self.epoch.elapsed().as_millis() as u64 + 1).saturating_sub(seen),
-                );
-                if age > self.broker_timeout {
-                    Err(format!(
-                        "broker not reachable: no connected broker for {:.1}s",
-                        age.as_secs_f64()
-                    ))
-                } else {
-                    Ok(())
-                }
-            }
-        }
-    }
-}
-
 /// Labels of the `reranker.model.info` gauge.
 pub struct ModelLabels<'a> {
     pub name: &'a str,
@@ -202,15 +63,15 @@ pub struct ModelLabels<'a> {
 pub struct Metrics {
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
-    pub events_consumed: Counter<u64>,
-    pub events_produced: Counter<u64>,
+    events_consumed: Counter<u64>,
+    events_produced: Counter<u64>,
     events_dead_lettered: Counter<u64>,
-    pub pairs_scored: Counter<u64>,
+    pairs_scored: Counter<u64>,
     batch_size: Histogram<u64>,
     batch_tokens: Histogram<u64>,
     batch_padding: Histogram<f64>,
     queue_wait: Histogram<f64>,
-    pub tokenization: Histogram<f64>,
+    tokenization: Histogram<f64>,
     inference: Histogram<f64>,
     event_duration: Histogram<f64>,
     _gauges: (Vec<ObservableGauge<u64>>, ObservableGauge<i64>),
@@ -318,10 +179,7 @@ impl Metrics {
                 "Messages behind the partition's high watermark, per assigned partition (librdkafka statistics)",
             )
             .with_callback(move |o| {
-                let points = health.lag.lock().unwrap_or_else(|p| p.into_inner());
-                for p in points.iter() {
-                    o.observe(p.lag, &p.attrs);
-                }
+                health.each_lag(|lag, attrs| o.observe(lag, attrs));
             })
             .build();
 
@@ -390,6 +248,18 @@ impl Metrics {
         })
     }
 
+    pub fn consumed(&self) {
+        self.events_consumed.add(1, &[]);
+    }
+
+    pub fn scored(&self, pairs: usize) {
+        self.pairs_scored.add(pairs as u64, &[]);
+    }
+
+    pub fn tokenized(&self, elapsed: Duration) {
+        self.tokenization.record(elapsed.as_secs_f64(), &[]);
+    }
+
     pub fn dead_lettered(&self, code: ErrorCode) {
         self.events_dead_lettered
             .add(1, &[KeyValue::new("error.code", code.as_str())]);
@@ -409,8 +279,8 @@ impl Metrics {
         self.batch_size.record(rows as u64, &[]);
         self.batch_tokens.record(slots as u64, &[]);
         if slots > 0 {
-            let padding = slots.saturating_sub(real_tokens) as f64 / slots as f64;
-            self.batch_padding.record(padding, &[]);
+            self.batch_padding
+                .record(padding_ratio(real_tokens as u64, slots as u64), &[]);
         }
         self.inference.record(elapsed.as_secs_f64(), &[]);
         for &t in enqueued {
@@ -437,6 +307,15 @@ impl Metrics {
     }
 }
 
+/// The one definition of the padding ratio, for the metric, the log and the benchmark alike: the
+/// fraction of token slots that are padding (0 = none).
+pub fn padding_ratio(real_tokens: u64, slots: u64) -> f64 {
+    if slots == 0 {
+        return 0.0;
+    }
+    slots.saturating_sub(real_tokens) as f64 / slots as f64
+}
+
 impl Drop for Metrics {
     fn drop(&mut self) {
         let _ = self.provider.shutdown();
@@ -446,33 +325,6 @@ impl Drop for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn readiness_names_what_is_missing() {
-        let h = Health::new(Duration::from_millis(200));
-        assert_eq!(h.readiness().unwrap_err(), "model not warmed up");
-        h.set_model_warmed();
-        assert_eq!(h.readiness().unwrap_err(), "no partitions assigned");
-        h.set_assigned(2);
-        assert!(h
-            .readiness()
-            .unwrap_err()
-            .starts_with("broker not reachable"));
-        h.broker_seen();
-        assert_eq!(h.readiness(), Ok(()));
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(h
-            .readiness()
-            .unwrap_err()
-            .starts_with("broker not reachable"));
-        h.broker_seen();
-        assert_eq!(h.readiness(), Ok(()));
-        assert_eq!(h.paused_partitions(), 0);
-        h.set_paused(true);
-        assert_eq!(h.paused_partitions(), 2);
-        h.set_draining();
-        assert_eq!(h.readiness().unwrap_err(), "shutting down");
-    }
 
     #[test]
     fn prometheus_names_follow_otel_conventions() {
@@ -489,7 +341,8 @@ mod tests {
             &OtelConfig::default(),
         )
         .unwrap();
-        m.events_consumed.add(2, &[]);
+        m.consumed();
+        m.consumed();
         m.dead_lettered(ErrorCode::InvalidJson);
         let t0 = Instant::now();
         m.batch(4, 10, 30, t0, Duration::from_millis(3), &[t0; 4]);

@@ -1,0 +1,213 @@
+//! What `/readyz` decides on, and the consumer facts the gauges read at scrape time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use opentelemetry::KeyValue;
+use rdkafka::Statistics;
+
+/// Consumer lag of one assigned partition, with its attributes built once per statistics report.
+struct LagPoint {
+    attrs: [KeyValue; 2],
+    lag: i64,
+}
+
+/// What `/readyz` and the gauges read; written by the rebalance and statistics callbacks, the
+/// ingress loop and the worker's start/stop.
+pub struct Health {
+    epoch: Instant,
+    broker_timeout: Duration,
+    model_warmed: AtomicBool,
+    draining: AtomicBool,
+    assigned: AtomicUsize,
+    paused: AtomicBool,
+    /// Milliseconds after `epoch`, plus one, when a broker was last seen connected; 0 = never.
+    broker_seen: AtomicU64,
+    lag: Mutex<Vec<LagPoint>>,
+}
+
+impl Health {
+    pub fn new(broker_timeout: Duration) -> Self {
+        Self {
+            epoch: Instant::now(),
+            broker_timeout,
+            model_warmed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            assigned: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            broker_seen: AtomicU64::new(0),
+            lag: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn set_model_warmed(&self) {
+        self.model_warmed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_assigned(&self, partitions: usize) {
+        self.assigned.store(partitions, Ordering::Relaxed);
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Partitions currently paused by backpressure (the ingress pauses its whole assignment).
+    pub fn paused_partitions(&self) -> usize {
+        if self.paused.load(Ordering::Relaxed) {
+            self.assigned()
+        } else {
+            0
+        }
+    }
+
+    /// A broker answered (group assignment) or a statistics report showed a connection up.
+    pub fn broker_seen(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.broker_seen.store(ms, Ordering::Relaxed);
+    }
+
+    /// Takes the consumer's librdkafka statistics: broker connection state and per-partition lag
+    /// of the partitions this consumer owns (`desired`).
+    pub fn on_statistics(&self, s: &Statistics) {
+        if s.brokers.values().any(|b| b.state == "UP") {
+            self.broker_seen();
+        }
+        let mut points = Vec::new();
+        for (topic, t) in &s.topics {
+            for p in t.partitions.values() {
+                // -1 is librdkafka's internal "unassigned" partition.
+                if p.partition < 0 || !p.desired {
+                    continue;
+                }
+                // Lag against the committed offset; before the first commit only the stored one
+                // is known; unknown (-1) is left out rather than reported as zero.
+                let lag = if p.consumer_lag >= 0 {
+                    p.consumer_lag
+                } else {
+                    p.consumer_lag_stored
+                };
+                if lag < 0 {
+                    continue;
+                }
+                points.push(LagPoint {
+                    attrs: [
+                        KeyValue::new("messaging.destination.name", topic.clone()),
+                        KeyValue::new(
+                            "messaging.destination.partition.id",
+                            p.partition.to_string(),
+                        ),
+                    ],
+                    lag,
+                });
+            }
+        }
+        *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = points;
+    }
+
+    /// `Ok` when the worker can do its job; otherwise why not, for `/readyz`.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(NotReady::ShuttingDown);
+        }
+        if !self.model_warmed.load(Ordering::Relaxed) {
+            return Err(NotReady::ModelCold);
+        }
+        if self.assigned() == 0 {
+            return Err(NotReady::NoPartitions);
+        }
+        match self.broker_seen.load(Ordering::Relaxed) {
+            0 => Err(NotReady::BrokerNeverSeen),
+            seen => {
+                let age = Duration::from_millis(
+                    (self.epoch.elapsed().as_millis() as u64 + 1).saturating_sub(seen),
+                );
+                if age > self.broker_timeout {
+                    Err(NotReady::BrokerLost(age))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Consumer lag per owned partition, as of the last statistics report.
+    pub fn each_lag(&self, mut f: impl FnMut(i64, &[KeyValue])) {
+        let points = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        for p in points.iter() {
+            f(p.lag, &p.attrs);
+        }
+    }
+}
+
+/// Why the worker is not ready; `Display` is the `/readyz` body.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NotReady {
+    ShuttingDown,
+    ModelCold,
+    NoPartitions,
+    BrokerNeverSeen,
+    /// No connected broker for this long.
+    BrokerLost(Duration),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ShuttingDown => f.write_str("shutting down"),
+            Self::ModelCold => f.write_str("model not warmed up"),
+            Self::NoPartitions => f.write_str("no partitions assigned"),
+            Self::BrokerNeverSeen => {
+                f.write_str("broker not reachable: no connected broker seen yet")
+            }
+            Self::BrokerLost(age) => write!(
+                f,
+                "broker not reachable: no connected broker for {:.1}s",
+                age.as_secs_f64()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_what_is_missing() {
+        let h = Health::new(Duration::from_millis(200));
+        assert_eq!(h.readiness().unwrap_err(), NotReady::ModelCold);
+        h.set_model_warmed();
+        assert_eq!(h.readiness().unwrap_err(), NotReady::NoPartitions);
+        h.set_assigned(2);
+        assert!(h
+            .readiness()
+            .unwrap_err()
+            .to_string()
+            .starts_with("broker not reachable"));
+        h.broker_seen();
+        assert_eq!(h.readiness(), Ok(()));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(h
+            .readiness()
+            .unwrap_err()
+            .to_string()
+            .starts_with("broker not reachable"));
+        h.broker_seen();
+        assert_eq!(h.readiness(), Ok(()));
+        assert_eq!(h.paused_partitions(), 0);
+        h.set_paused(true);
+        assert_eq!(h.paused_partitions(), 2);
+        h.set_draining();
+        assert_eq!(h.readiness().unwrap_err(), NotReady::ShuttingDown);
+    }
+}
