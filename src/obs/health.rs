@@ -189,19 +189,13 @@ mod tests {
         h.set_model_warmed();
         assert_eq!(h.readiness().unwrap_err(), NotReady::NoPartitions);
         h.set_assigned(2);
-        assert!(h
-            .readiness()
-            .unwrap_err()
-            .to_string()
-            .starts_with("broker not reachable"));
+        assert_eq!(h.readiness().unwrap_err(), NotReady::BrokerNeverSeen);
         h.broker_seen();
         assert_eq!(h.readiness(), Ok(()));
         std::thread::sleep(Duration::from_millis(300));
-        assert!(h
-            .readiness()
-            .unwrap_err()
-            .to_string()
-            .starts_with("broker not reachable"));
+        let lost = h.readiness().unwrap_err();
+        assert!(matches!(lost, NotReady::BrokerLost(_)), "{lost:?}");
+        assert!(lost.to_string().starts_with("broker not reachable"));
         h.broker_seen();
         assert_eq!(h.readiness(), Ok(()));
         assert_eq!(h.paused_partitions(), 0);

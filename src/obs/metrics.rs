@@ -53,6 +53,18 @@ const TOKEN_BUCKETS: &[f64] = &[
 ];
 const RATIO_BUCKETS: &[f64] = &[0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
+/// One inference batch that ran, successfully or not.
+#[derive(Clone, Copy)]
+pub struct BatchRun<'a> {
+    pub rows: usize,
+    pub seq_len: usize,
+    pub real_tokens: usize,
+    pub started: Instant,
+    pub elapsed: Duration,
+    /// When each pair entered the batcher.
+    pub enqueued: &'a [Instant],
+}
+
 /// Labels of the `reranker.model.info` gauge.
 pub struct ModelLabels<'a> {
     pub name: &'a str,
@@ -265,16 +277,15 @@ impl Metrics {
             .add(1, &[KeyValue::new("error.code", code.as_str())]);
     }
 
-    /// One finished inference batch.
-    pub fn batch(
-        &self,
-        rows: usize,
-        seq_len: usize,
-        real_tokens: usize,
-        started: Instant,
-        elapsed: Duration,
-        enqueued: &[Instant],
-    ) {
+    pub fn batch(&self, b: &BatchRun<'_>) {
+        let BatchRun {
+            rows,
+            seq_len,
+            real_tokens,
+            started,
+            elapsed,
+            enqueued,
+        } = *b;
         let slots = rows * seq_len;
         self.batch_size.record(rows as u64, &[]);
         self.batch_tokens.record(slots as u64, &[]);
@@ -345,7 +356,14 @@ mod tests {
         m.consumed();
         m.dead_lettered(ErrorCode::InvalidJson);
         let t0 = Instant::now();
-        m.batch(4, 10, 30, t0, Duration::from_millis(3), &[t0; 4]);
+        m.batch(&BatchRun {
+            rows: 4,
+            seq_len: 10,
+            real_tokens: 30,
+            started: t0,
+            elapsed: Duration::from_millis(3),
+            enqueued: &[t0; 4],
+        });
         m.produced(Some(1), 1001);
         let text = m.encode();
         for want in [

@@ -3,11 +3,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use super::metrics::{padding_ratio, Metrics};
+use super::metrics::{padding_ratio, BatchRun, Metrics};
 use crate::decode::ErrorCode;
 
 #[derive(Default)]
@@ -124,23 +124,13 @@ impl Recorder {
         self.metrics.dead_lettered(code);
     }
 
-    /// One inference batch ran, successfully or not.
-    pub fn batch(
-        &self,
-        rows: usize,
-        seq_len: usize,
-        real_tokens: usize,
-        started: Instant,
-        elapsed: Duration,
-        enqueued: &[Instant],
-    ) {
+    pub fn batch(&self, b: &BatchRun<'_>) {
         let t = &self.totals;
         add(&t.batches, 1);
-        add(&t.real_tokens, real_tokens as u64);
-        add(&t.slots, (rows * seq_len) as u64);
-        add(&t.inference_us, elapsed.as_micros() as u64);
-        self.metrics
-            .batch(rows, seq_len, real_tokens, started, elapsed, enqueued);
+        add(&t.real_tokens, b.real_tokens as u64);
+        add(&t.slots, (b.rows * b.seq_len) as u64);
+        add(&t.inference_us, b.elapsed.as_micros() as u64);
+        self.metrics.batch(b);
     }
 
     pub fn scored(&self, pairs: usize) {

@@ -96,7 +96,7 @@ impl<S: Sink> Admitter<S> {
         };
         self.recorder.consumed();
         let span = telemetry::event_span(
-            &telemetry::Source {
+            &telemetry::InputRef {
                 topic: &r.tp.topic,
                 partition: r.tp.partition,
                 offset: r.offset,
@@ -456,12 +456,8 @@ impl<S: Sink> AdmitLoop<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-    use std::time::Duration;
-
     use super::*;
-    use crate::config::OtelConfig;
-    use crate::obs::metrics::{Metrics, ModelLabels};
+    use crate::worker::testing::{self, Collect};
 
     #[test]
     fn backpressure_pauses_at_high_and_resumes_at_low() {
@@ -500,15 +496,6 @@ mod tests {
         );
     }
 
-    #[derive(Clone, Default)]
-    struct Collect(Arc<Mutex<Vec<Finished>>>);
-
-    impl Sink for Collect {
-        fn finish(&self, f: Finished) {
-            self.0.lock().unwrap().push(f);
-        }
-    }
-
     /// The real tokenizer (`RERANKER_MODEL__DIR`, else ../shared/models); `None` skips the test.
     fn tokenizer() -> Option<PairTokenizer> {
         let dir = std::env::var_os("RERANKER_MODEL__DIR")
@@ -532,17 +519,6 @@ mod tests {
         mpsc::UnboundedReceiver<ToCoordinator>,
         Collect,
     ) {
-        let metrics = Metrics::new(
-            ModelLabels {
-                name: "m",
-                revision: "r",
-                device: "cpu",
-            },
-            Arc::new(Health::new(Duration::from_secs(1))),
-            || 0,
-            &OtelConfig::default(),
-        )
-        .unwrap();
         let (coord_tx, coord_rx) = mpsc::unbounded_channel();
         let sink = Collect::default();
         let tracker = SharedTracker::default();
@@ -556,13 +532,9 @@ mod tests {
             tracker,
             coord_tx,
             sink: sink.clone(),
-            routes: Arc::new(Routes {
-                output_topic: "out".into(),
-                dlq_topic: "dlq".into(),
-                propagate: Vec::new(),
-            }),
+            routes: testing::routes(),
             inflight: Arc::new(InflightPairs::default()),
-            recorder: Arc::new(Recorder::new(metrics)),
+            recorder: testing::recorder(),
             next_id: 0,
         };
         (a, coord_rx, sink)

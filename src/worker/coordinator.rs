@@ -17,6 +17,7 @@ use crate::decode::ErrorCode;
 use crate::dlq::DlqInput;
 use crate::kafka::consumer::RebalanceNote;
 use crate::model::{InferError, InferRequest, InferResult};
+use crate::obs::metrics::BatchRun;
 use crate::obs::recorder::Recorder;
 use crate::offsets::TopicPartition;
 use crate::tokenize::EncodedPair;
@@ -117,14 +118,14 @@ impl<S: Sink> Coordinator<S> {
     }
 
     fn on_result(&mut self, res: InferResult) {
-        self.recorder.batch(
-            res.rows,
-            res.seq_len,
-            res.real_tokens,
-            res.started,
-            res.elapsed,
-            &res.enqueued,
-        );
+        self.recorder.batch(&BatchRun {
+            rows: res.rows,
+            seq_len: res.seq_len,
+            real_tokens: res.real_tokens,
+            started: res.started,
+            elapsed: res.elapsed,
+            enqueued: &res.enqueued,
+        });
         match res.scores {
             Ok(scores) => {
                 self.recorder.scored(scores.len());
@@ -215,34 +216,14 @@ impl<S: Sink> Coordinator<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
     use std::time::Duration;
 
     use super::*;
     use crate::assemble::CandidateMeta;
     use crate::batch::BatchPolicy;
-    use crate::config::OtelConfig;
     use crate::model::Score;
-    use crate::obs::health::Health;
-    use crate::obs::metrics::{Metrics, ModelLabels};
     use crate::offsets::Ticket;
-
-    /// Collects what the coordinator finishes instead of producing it.
-    #[derive(Clone, Default)]
-    struct Collect(Arc<Mutex<Vec<Finished>>>);
-
-    impl Sink for Collect {
-        fn finish(&self, f: Finished) {
-            self.0.lock().unwrap().push(f);
-        }
-    }
-
-    impl Collect {
-        fn topics(&self) -> Vec<(String, Outcome)> {
-            let v = self.0.lock().unwrap();
-            v.iter().map(|f| (f.rec.topic.clone(), f.outcome)).collect()
-        }
-    }
+    use crate::worker::testing::{self, Collect};
 
     /// The coordinator on its task; the test plays the admission loop and the model.
     struct Harness {
@@ -256,17 +237,6 @@ mod tests {
     }
 
     fn start(max_wait: Duration) -> Harness {
-        let metrics = Metrics::new(
-            ModelLabels {
-                name: "m",
-                revision: "r",
-                device: "cpu",
-            },
-            Arc::new(Health::new(Duration::from_secs(1))),
-            || 0,
-            &OtelConfig::default(),
-        )
-        .unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let (infer_tx, model_rx) = mpsc::channel(1);
         let (results, results_rx) = mpsc::unbounded_channel();
@@ -277,7 +247,7 @@ mod tests {
             sink: Collect::default(),
             inflight: Arc::new(InflightPairs::default()),
             idle: Arc::new(AtomicBool::new(true)),
-            recorder: Arc::new(Recorder::new(metrics)),
+            recorder: testing::recorder(),
         };
         let c = Coordinator {
             batcher: Batcher::new(BatchPolicy {
@@ -287,11 +257,7 @@ mod tests {
             }),
             assembler: Assembler::new(),
             sink: h.sink.clone(),
-            routes: Arc::new(Routes {
-                output_topic: "out".into(),
-                dlq_topic: "dlq".into(),
-                propagate: Vec::new(),
-            }),
+            routes: testing::routes(),
             model: ModelRef {
                 name: "m".into(),
                 revision: "r".into(),

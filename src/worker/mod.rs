@@ -36,6 +36,8 @@ pub mod admit;
 pub mod coordinator;
 pub mod finish;
 pub mod inflight;
+#[cfg(test)]
+mod testing;
 
 use admit::{AdmitLoop, Admitter, Exit, Ranges};
 use coordinator::{Coordinator, ToCoordinator};
