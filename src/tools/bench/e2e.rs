@@ -99,23 +99,13 @@ fn rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Produces retrieval events to a broker, runs the worker in this process, reads every output,
-/// then scores the same pairs with the bare session: both figures come from one run on one machine.
-pub async fn end_to_end(
-    mut cfg: crate::config::Config,
-    opt: E2eOptions,
-) -> anyhow::Result<E2eReport> {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::message::Message;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-
-    let events = crate::demo::scifact_events(&opt.data, opt.events, opt.candidates, 10, "bench-")?;
-    let pairs_total: usize = events
-        .iter()
-        .map(|e| e["candidates"].as_array().map_or(0, Vec::len))
-        .sum();
-    let _broker = match &opt.brokers {
+/// The broker and fresh topics of one run (a local tansu unless `--bench-brokers`); the broker
+/// lives as long as the returned value.
+async fn bench_broker(
+    cfg: &mut crate::config::Config,
+    opt: &E2eOptions,
+) -> anyhow::Result<Option<crate::broker::TansuBroker>> {
+    let broker = match &opt.brokers {
         Some(b) => {
             cfg.kafka.brokers = b.clone();
             None
@@ -142,6 +132,78 @@ pub async fn end_to_end(
         ],
     )
     .await?;
+    Ok(broker)
+}
+
+/// Samples this process's resident set size every 100 ms; the peak so far is in the mutex.
+fn spawn_rss_sampler() -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<f64>>,
+) {
+    let peak_rss = std::sync::Arc::new(std::sync::Mutex::new(0f64));
+    let peak = peak_rss.clone();
+    let sampler = tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            t.tick().await;
+            if let Ok(mut p) = peak.lock() {
+                *p = p.max(rss_mb());
+            }
+        }
+    });
+    (sampler, peak_rss)
+}
+
+/// Produces the events, all at once (`rate` 0) or paced, recording each one's send time.
+fn spawn_producer(
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    events: Vec<serde_json::Value>,
+    rate: f64,
+    sent: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    use rdkafka::producer::FutureRecord;
+    tokio::spawn(async move {
+        let mut tick =
+            (rate > 0.0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
+        let mut pending = Vec::new();
+        for ev in events {
+            if let Some(t) = tick.as_mut() {
+                t.tick().await;
+            }
+            let id = ev["request_id"].as_str().unwrap_or_default().to_string();
+            let payload = serde_json::to_vec(&ev)?;
+            sent.lock()
+                .map_err(|_| anyhow::anyhow!("lock"))?
+                .insert(id.clone(), crate::now_ms());
+            let fut = producer.send_result(FutureRecord::to(&topic).key(&id).payload(&payload));
+            let fut = fut.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+            pending.push(fut);
+        }
+        for f in pending {
+            f.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Produces retrieval events to a broker, runs the worker in this process, reads every output,
+/// then scores the same pairs with the bare session: both figures come from one run on one machine.
+pub async fn end_to_end(
+    mut cfg: crate::config::Config,
+    opt: E2eOptions,
+) -> anyhow::Result<E2eReport> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let events = crate::demo::scifact_events(&opt.data, opt.events, opt.candidates, 10, "bench-")?;
+    let pairs_total: usize = events
+        .iter()
+        .map(|e| e["candidates"].as_array().map_or(0, Vec::len))
+        .sum();
+    let _broker = bench_broker(&mut cfg, &opt).await?;
 
     // An overload run stops early: the bare session then scores what the worker got through.
     let bare_before = if opt.max_seconds.is_none() {
@@ -153,25 +215,13 @@ pub async fn end_to_end(
 
     eprintln!("loading and warming the model…");
     // The process's high-water mark would include the bare session: sample while the worker runs.
-    let peak_rss = std::sync::Arc::new(std::sync::Mutex::new(0f64));
-    let sampler = {
-        let peak = peak_rss.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                t.tick().await;
-                if let Ok(mut p) = peak.lock() {
-                    *p = p.max(rss_mb());
-                }
-            }
-        })
-    };
+    let (sampler, peak_rss) = spawn_rss_sampler();
     let c = cfg.clone();
     let worker = crate::worker::Worker::spawn_load(c).await?;
     let recorder = worker.recorder.clone();
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", format!("bench-reader-{run_id}"))
+        .set("group.id", format!("{}-reader", cfg.kafka.group_id))
         .set("auto.offset.reset", "earliest")
         // The instrument must not add a long-poll of its own to the latency it measures.
         .set("fetch.wait.max.ms", "5")
@@ -204,37 +254,13 @@ pub async fn end_to_end(
     // Produce (all at once, or paced) while recording each event's send time.
     let sent: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>> = Default::default();
     let t0 = Instant::now();
-    let producing = {
-        let (producer, sent, topic) = (
-            producer.clone(),
-            sent.clone(),
-            cfg.kafka.input_topic.clone(),
-        );
-        let rate = opt.rate;
-        let events = events.clone();
-        tokio::spawn(async move {
-            let mut tick =
-                (rate > 0.0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
-            let mut pending = Vec::new();
-            for ev in events {
-                if let Some(t) = tick.as_mut() {
-                    t.tick().await;
-                }
-                let id = ev["request_id"].as_str().unwrap_or_default().to_string();
-                let payload = serde_json::to_vec(&ev)?;
-                sent.lock()
-                    .map_err(|_| anyhow::anyhow!("lock"))?
-                    .insert(id.clone(), crate::now_ms());
-                let fut = producer.send_result(FutureRecord::to(&topic).key(&id).payload(&payload));
-                let fut = fut.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-                pending.push(fut);
-            }
-            for f in pending {
-                f.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-            }
-            anyhow::Ok(())
-        })
-    };
+    let producing = spawn_producer(
+        producer.clone(),
+        cfg.kafka.input_topic.clone(),
+        events.clone(),
+        opt.rate,
+        sent.clone(),
+    );
 
     let mut latencies = Vec::with_capacity(opt.events);
     let mut last = t0;
