@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -43,6 +44,10 @@ pub struct KafkaConfig {
     /// librdkafka `statistics.interval.ms` of the consumer: consumer lag per partition and broker
     /// connection state (read by `/readyz`) are refreshed this often.
     pub statistics_interval_ms: u64,
+    /// An assigned, unpaused partition behind its high watermark whose position has not moved
+    /// this long is reported stalled (WARN, metric, `/readyz`). Unset: 3 × `fetch.wait.max.ms`
+    /// + `statistics_interval_ms` (positions are sampled with the statistics).
+    pub stall_warn_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -247,6 +252,7 @@ impl Default for KafkaConfig {
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
             statistics_interval_ms: 5000,
+            stall_warn_ms: None,
         }
     }
 }
@@ -518,6 +524,12 @@ impl Config {
                 "must be between 100 and 3600000 (consumer lag and /readyz rely on it)",
             );
         }
+        if self.kafka.stall_warn_ms == Some(0) {
+            return bad(
+                "kafka.stall_warn_ms",
+                "must be positive (leave it unset for the default)",
+            );
+        }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(
                 "http.listen",
@@ -590,6 +602,22 @@ impl Config {
             .or_else(hostname)
             .unwrap_or_else(|| "0".into());
         format!("{}-{instance}", self.kafka.group_id)
+    }
+
+    /// How long a partition may sit behind without moving before it counts as stalled.
+    pub fn stall_after(&self) -> Duration {
+        let fetch_wait = self
+            .kafka
+            .consumer
+            .get("fetch.wait.max.ms")
+            .or_else(|| self.kafka.client.get("fetch.wait.max.ms"))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(crate::kafka::consumer::FETCH_WAIT_MAX_MS);
+        Duration::from_millis(
+            self.kafka
+                .stall_warn_ms
+                .unwrap_or(3 * fetch_wait + self.kafka.statistics_interval_ms),
+        )
     }
 
     /// The configuration as TOML with secrets replaced, for `reranker config` and start-up logs.

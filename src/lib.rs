@@ -15,6 +15,7 @@ pub mod model;
 pub mod obs;
 pub mod offsets;
 pub mod replay;
+pub mod stall;
 pub mod tokenize;
 pub mod tools;
 pub mod worker;

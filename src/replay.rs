@@ -166,7 +166,8 @@ pub async fn run(
         });
     }
     let c = cfg.clone();
-    let worker = Worker::spawn_load(c).await?;
+    // A replay must end: a partition that stops moving short of its end is an error.
+    let worker = Worker::spawn_load(c).await?.stop_on_stall();
     let recorder = worker.recorder.clone();
 
     let bar = indicatif::ProgressBar::with_draw_target(

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use reranker::broker::free_port;
+use reranker::broker::{free_port, Storage};
 use serde_json::Value;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
@@ -570,6 +570,7 @@ fn prometheus_scrapes_worker_metrics_and_health() {
         "reranker_batch_padding_ratio_bucket",
         "reranker_consumer_lag",
         "reranker_consumer_paused_partitions",
+        "reranker_consumer_stalled_partitions",
         "reranker_inflight_pairs",
         "reranker_model_info",
     ] {
@@ -639,4 +640,87 @@ fn prometheus_scrapes_worker_metrics_and_health() {
         "{reason}"
     );
     assert_eq!(http_get(addr2, "/healthz").expect("healthz").0, 200);
+}
+
+/// A partition that has records but whose fetches return nothing must not look like a quiet
+/// topic. tansu's memory engine is such a broker (see tests/broker.rs): a group whose committed
+/// offset lies inside the last record batch gets nothing there. The worker must say so in a WARN
+/// line with the partition, position and watermarks, in `reranker_consumer_stalled_partitions`,
+/// and on `/readyz`.
+#[test]
+fn a_stalled_partition_is_logged_exported_and_named_by_readyz() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let rt = rt();
+    let broker = TansuBroker::start_with(Storage::Memory).expect("broker");
+    let bs = broker.bootstrap();
+    let t = Topics::new("stall");
+    rt.block_on(t.create(&bs, 1));
+    let n = 40;
+    let inputs: Vec<Input> = tiny_events(n)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Input::json(&format!("k{i}"), e, 0))
+        .collect();
+    rt.block_on(produce(&bs, &t.input, &inputs));
+    // Where a worker that stopped inside the last batch would have left the group.
+    let committed = n as i64 - 2;
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .set("group.id", &t.group)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&t.input, 0, Offset::Offset(committed))
+        .expect("tpl");
+    c.commit(&tpl, CommitMode::Sync).expect("commit");
+    drop(c);
+
+    let port = free_port().expect("port");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let w = WorkerProc::spawn(
+        &bs,
+        &t,
+        &[
+            format!("http.listen=\"{addr}\""),
+            "model.max_length=32".into(),
+            "kafka.statistics_interval_ms=500".into(),
+            "kafka.stall_warn_ms=2000".into(),
+            "http.broker_timeout_ms=5000".into(),
+        ],
+    );
+    let msg = "partition stalled: records behind the high watermark, position not moving";
+    assert!(
+        w.wait_logged(msg, Duration::from_secs(180)),
+        "no stall reported\n{}",
+        w.log_text()
+    );
+    let line = &w.logged(msg)[0];
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["partition"], 0);
+    assert_eq!(line["position"], committed);
+    assert!(
+        line["high_watermark"].as_i64().expect("high_watermark") > committed,
+        "{line}"
+    );
+    assert!(line.get("low_watermark").is_some(), "{line}");
+
+    let (status, scrape) = http_get(addr, "/metrics").expect("scrape");
+    assert_eq!(status, 200);
+    let stalled: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("reranker_consumer_stalled_partitions"))
+        .collect();
+    assert!(
+        stalled.len() == 1 && stalled[0].ends_with(" 1"),
+        "{stalled:?}"
+    );
+    let (status, body) = http_get(addr, "/readyz").expect("readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("partitions stalled")
+            && body.contains(&format!("{}[0] at offset {committed}", t.input)),
+        "{body}"
+    );
 }

@@ -366,3 +366,64 @@ fn backpressure_pauses_and_bounds_memory() {
     // The model and ONNX Runtime take ~300 MB; the backlog (~12 MB of events) must not add to it.
     assert!(peak_rss < 900 * 1024, "peak RSS {peak_rss} kB");
 }
+
+/// Backpressure with events of production size (100 candidates of 300–1,000 bytes, batched by
+/// the producer): the worker pauses and resumes inside multi-record batches, and every event
+/// still gets its output.
+#[test]
+fn backpressure_with_production_sized_events_answers_every_event() {
+    let events = realistic_events(43);
+    for e in &events {
+        let c = e["candidates"].as_array().expect("candidates");
+        assert_eq!(c.len(), 100);
+        assert!(c.iter().all(|c| {
+            let l = c["text"].as_str().expect("text").len();
+            (298..=1000).contains(&l)
+        }));
+    }
+    let Backlog {
+        bootstrap: bs,
+        topics: t,
+        broker: _broker,
+        ..
+    } = backlog("bp-real", 2, &events);
+    let w = WorkerProc::spawn(
+        &bs,
+        &t,
+        &[
+            "model.file=\"model_int8.onnx\"".into(),
+            "model.max_length=16".into(),
+            "batch.max_batch_pairs=64".into(),
+            "flow.max_inflight_pairs=250".into(),
+            "flow.fetch_queue_kbytes=64".into(),
+            "kafka.statistics_interval_ms=1000".into(),
+        ],
+    );
+    let mut seen = SeenIds::default();
+    collect(&bs, &[&t.output], Duration::from_secs(600), |r| {
+        seen.update(r, &t.output) >= events.len()
+    });
+    let missing: Vec<String> = (0..events.len())
+        .map(|i| format!("req-{i}"))
+        .filter(|id| !seen.ids.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} events without output: {missing:?}\n{}",
+        missing.len(),
+        events.len(),
+        w.log_text()
+    );
+    let pauses = w.logged("backpressure: partitions paused").len();
+    let resumes = w.logged("backpressure: partitions resumed").len();
+    assert!(
+        pauses >= 2 && resumes >= 2,
+        "pauses {pauses} resumes {resumes}"
+    );
+    assert!(
+        w.logged("partition stalled: records behind the high watermark, position not moving")
+            .is_empty(),
+        "{}",
+        w.log_text()
+    );
+}

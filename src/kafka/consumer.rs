@@ -147,8 +147,12 @@ impl RebalanceContext {
     }
 }
 
+/// The consumer's `fetch.wait.max.ms` unless `[kafka.consumer]` sets it (see below why not 500).
+pub const FETCH_WAIT_MAX_MS: u64 = 100;
+
 pub fn consumer_config(cfg: &Config) -> ClientConfig {
     let k = &cfg.kafka;
+    let fetch_wait_ms = FETCH_WAIT_MAX_MS.to_string();
     let queue_kbytes = cfg.flow.fetch_queue_kbytes.to_string();
     let statistics_ms = k.statistics_interval_ms.to_string();
     super::client_config(
@@ -162,7 +166,7 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
             // A fetch that finds nothing waits this long at the broker. Kafka answers as soon as
             // data arrives, but not every Kafka-compatible broker does (tansu waits it out), and
             // then librdkafka's 500 ms lands on the latency of the next event after a quiet spell.
-            ("fetch.wait.max.ms", "100"),
+            ("fetch.wait.max.ms", &fetch_wait_ms),
             ("queued.max.messages.kbytes", &queue_kbytes),
             ("statistics.interval.ms", &statistics_ms),
         ],

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use opentelemetry::KeyValue;
 use rdkafka::Statistics;
 
+use crate::offsets::TopicPartition;
+use crate::stall::{PartitionPosition, Stall, StallDetector};
+
 /// Consumer lag of one assigned partition, with its attributes built once per statistics report.
 struct LagPoint {
     attrs: [KeyValue; 2],
@@ -25,10 +28,21 @@ pub struct Health {
     /// Milliseconds after `epoch`, plus one, when a broker was last seen connected; 0 = never.
     broker_seen: AtomicU64,
     lag: Mutex<Vec<LagPoint>>,
+    stalls: Mutex<Stalls>,
+}
+
+struct Stalls {
+    detector: StallDetector,
+    /// Stalled now, for `/readyz`, the gauge and whoever must stop on a stall.
+    current: Vec<Stall>,
+    /// Paused on purpose one by one (a replay range at its end); never a stall.
+    done: std::collections::HashSet<TopicPartition>,
 }
 
 impl Health {
-    pub fn new(broker_timeout: Duration) -> Self {
+    /// `stall_after`: how long a partition may sit behind without moving before it counts as
+    /// stalled (`kafka.stall_warn_ms`).
+    pub fn new(broker_timeout: Duration, stall_after: Duration) -> Self {
         Self {
             epoch: Instant::now(),
             broker_timeout,
@@ -38,7 +52,81 @@ impl Health {
             paused: AtomicBool::new(false),
             broker_seen: AtomicU64::new(0),
             lag: Mutex::new(Vec::new()),
+            stalls: Mutex::new(Stalls {
+                detector: StallDetector::new(stall_after),
+                current: Vec::new(),
+                done: Default::default(),
+            }),
         }
+    }
+
+    /// A partition the worker paused for good (its replay range is done).
+    pub fn set_partition_done(&self, tp: TopicPartition) {
+        self.lock_stalls().done.insert(tp);
+    }
+
+    /// Partitions stalled now (see [`crate::stall`]).
+    pub fn stalled(&self) -> Vec<Stall> {
+        self.lock_stalls().current.clone()
+    }
+
+    fn lock_stalls(&self) -> std::sync::MutexGuard<'_, Stalls> {
+        self.stalls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the stall detector over the owned partitions of a statistics report; logs each stall
+    /// and recovery once.
+    fn observe_positions(&self, s: &Statistics) {
+        // A drain pauses every partition without telling `paused`.
+        let paused = self.paused.load(Ordering::Relaxed) || self.draining.load(Ordering::Relaxed);
+        let mut st = self.lock_stalls();
+        let mut view = Vec::new();
+        for (topic, t) in &s.topics {
+            for p in t
+                .partitions
+                .values()
+                .filter(|p| p.partition >= 0 && p.desired)
+            {
+                let tp = TopicPartition {
+                    topic: topic.clone(),
+                    partition: p.partition,
+                };
+                // Where the application reads next; before its first record, where the fetcher
+                // starts (librdkafka reports -1001 for "not known yet").
+                let position = [p.app_offset, p.next_offset, p.committed_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0);
+                view.push(PartitionPosition {
+                    paused: paused || st.done.contains(&tp),
+                    tp,
+                    position,
+                    low_watermark: p.lo_offset,
+                    high_watermark: p.hi_offset,
+                });
+            }
+        }
+        let changes = st.detector.observe(Instant::now(), &view);
+        for s in &changes.stalled {
+            tracing::warn!(
+                topic = %s.tp.topic,
+                partition = s.tp.partition,
+                position = s.position,
+                low_watermark = s.low_watermark,
+                high_watermark = s.high_watermark,
+                stalled_ms = s.since.elapsed().as_millis() as u64,
+                "partition stalled: records behind the high watermark, position not moving"
+            );
+        }
+        for tp in &changes.recovered {
+            tracing::info!(topic = %tp.topic, partition = tp.partition, "partition moving again");
+        }
+        let stalled = st.detector.stalled();
+        let mut current: Vec<Stall> = std::mem::take(&mut st.current)
+            .into_iter()
+            .filter(|s| stalled.contains(&s.tp))
+            .collect();
+        current.extend(changes.stalled);
+        st.current = current;
     }
 
     pub fn set_model_warmed(&self) {
@@ -112,6 +200,7 @@ impl Health {
             }
         }
         *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = points;
+        self.observe_positions(s);
     }
 
     /// `Ok` when the worker can do its job; otherwise why not, for `/readyz`.
@@ -124,6 +213,10 @@ impl Health {
         }
         if self.assigned() == 0 {
             return Err(NotReady::NoPartitions);
+        }
+        let stalled = self.stalled();
+        if !stalled.is_empty() {
+            return Err(NotReady::Stalled(stalled));
         }
         match self.broker_seen.load(Ordering::Relaxed) {
             0 => Err(NotReady::BrokerNeverSeen),
@@ -150,11 +243,13 @@ impl Health {
 }
 
 /// Why the worker is not ready; `Display` is the `/readyz` body.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum NotReady {
     ShuttingDown,
     ModelCold,
     NoPartitions,
+    /// Partitions behind their high watermark whose position stopped moving.
+    Stalled(Vec<Stall>),
     BrokerNeverSeen,
     /// No connected broker for this long.
     BrokerLost(Duration),
@@ -166,6 +261,10 @@ impl std::fmt::Display for NotReady {
             Self::ShuttingDown => f.write_str("shutting down"),
             Self::ModelCold => f.write_str("model not warmed up"),
             Self::NoPartitions => f.write_str("no partitions assigned"),
+            Self::Stalled(stalled) => {
+                let list: Vec<String> = stalled.iter().map(Stall::to_string).collect();
+                write!(f, "partitions stalled: {}", list.join(", "))
+            }
             Self::BrokerNeverSeen => {
                 f.write_str("broker not reachable: no connected broker seen yet")
             }
@@ -184,7 +283,7 @@ mod tests {
 
     #[test]
     fn readiness_names_what_is_missing() {
-        let h = Health::new(Duration::from_millis(200));
+        let h = Health::new(Duration::from_millis(200), Duration::from_secs(60));
         assert_eq!(h.readiness().unwrap_err(), NotReady::ModelCold);
         h.set_model_warmed();
         assert_eq!(h.readiness().unwrap_err(), NotReady::NoPartitions);

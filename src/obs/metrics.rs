@@ -24,6 +24,7 @@
 //! | `reranker.consumer.lag` (`{message}`, per partition) | `reranker_consumer_lag{messaging_destination_name, messaging_destination_partition_id}` |
 //! | `reranker.consumer.assigned_partitions` | `reranker_consumer_assigned_partitions` |
 //! | `reranker.consumer.paused_partitions` | `reranker_consumer_paused_partitions` |
+//! | `reranker.consumer.stalled_partitions` | `reranker_consumer_stalled_partitions` |
 //! | `reranker.inflight.pairs` (`{pair}`) | `reranker_inflight_pairs` |
 //! | `reranker.model.info` (=1; `model.name`, `model.revision`, `device`) | `reranker_model_info{model_name, model_revision, device}` |
 
@@ -170,6 +171,15 @@ impl Metrics {
                 Box::new({
                     let h = health.clone();
                     move || h.paused_partitions() as u64
+                }),
+            ),
+            gauge(
+                "reranker.consumer.stalled_partitions",
+                "{partition}",
+                "Assigned partitions behind their high watermark whose position has not moved for kafka.stall_warn_ms",
+                Box::new({
+                    let h = health.clone();
+                    move || h.stalled().len() as u64
                 }),
             ),
             gauge(
@@ -339,7 +349,7 @@ mod tests {
 
     #[test]
     fn prometheus_names_follow_otel_conventions() {
-        let h = Arc::new(Health::new(Duration::from_secs(1)));
+        let h = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(60)));
         h.set_assigned(3);
         let m = Metrics::new(
             ModelLabels {

@@ -282,6 +282,8 @@ pub enum Exit {
     RangesDone,
     /// The producer that writes the outputs cannot go on.
     Fatal,
+    /// A partition stalled and the run was asked to stop on stalls.
+    Stalled,
 }
 
 pub struct AdmitLoop<S> {
@@ -293,6 +295,7 @@ pub struct AdmitLoop<S> {
     pub ranges: Ranges,
     pub rewinds: mpsc::UnboundedReceiver<Rewind>,
     pub fatal: Arc<AtomicBool>,
+    pub stop_on_stall: bool,
 }
 
 impl<S: Sink> AdmitLoop<S> {
@@ -323,6 +326,9 @@ impl<S: Sink> AdmitLoop<S> {
             }
             if self.fatal.load(Ordering::SeqCst) {
                 return Exit::Fatal;
+            }
+            if self.stop_on_stall && !self.health.stalled().is_empty() {
+                return Exit::Stalled;
             }
             if self.ranges.all_done() {
                 return Exit::RangesDone;
@@ -415,6 +421,7 @@ impl<S: Sink> AdmitLoop<S> {
         if self.ranges.close(&tp) {
             tracing::debug!(partition, "range done");
         }
+        self.health.set_partition_done(tp.clone());
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&tp.topic, tp.partition);
         let _ = self.consumer.pause(&tpl);

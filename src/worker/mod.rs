@@ -62,17 +62,31 @@ pub struct PartitionRange {
     pub end: i64,
 }
 
-/// The producer cannot go on; the uncommitted events go to the next owner.
+/// Why the worker stopped by itself; the uncommitted events go to the next owner.
 #[derive(Debug)]
-pub struct ProducerFailed;
+pub enum Stopped {
+    /// The producer that writes the outputs was fenced or failed fatally.
+    ProducerFailed,
+    /// Partitions stalled and the run was asked to stop on stalls ([`Worker::stop_on_stall`]).
+    Stalled(Vec<String>),
+}
 
-impl std::fmt::Display for ProducerFailed {
+impl std::fmt::Display for Stopped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the Kafka producer was fenced or failed fatally; see the log")
+        match self {
+            Self::ProducerFailed => {
+                f.write_str("the Kafka producer was fenced or failed fatally; see the log")
+            }
+            Self::Stalled(list) => write!(
+                f,
+                "stopped: partitions stalled (records behind the high watermark, position not moving): {}",
+                list.join(", ")
+            ),
+        }
     }
 }
 
-impl std::error::Error for ProducerFailed {}
+impl std::error::Error for Stopped {}
 
 pub struct Worker {
     cfg: Config,
@@ -82,6 +96,8 @@ pub struct Worker {
     inflight: Arc<InflightPairs>,
     /// Every count of this worker; read it while it runs (`bench`, `replay`).
     pub recorder: Arc<Recorder>,
+    /// Stop with an error when a partition stalls, instead of only reporting it.
+    stop_on_stall: bool,
 }
 
 impl Worker {
@@ -94,9 +110,10 @@ impl Worker {
         );
         let mut scorer = Scorer::load(&cfg.model, &cfg.model_name())?;
         model::warm_up::warm_up(&mut scorer, &tokenizer, &cfg)?;
-        let health = Arc::new(Health::new(Duration::from_millis(
-            cfg.http.broker_timeout_ms,
-        )));
+        let health = Arc::new(Health::new(
+            Duration::from_millis(cfg.http.broker_timeout_ms),
+            cfg.stall_after(),
+        ));
         health.set_model_warmed();
         let inflight = Arc::new(InflightPairs::default());
         let info = scorer.info();
@@ -120,7 +137,16 @@ impl Worker {
             health,
             inflight,
             recorder: Arc::new(Recorder::new(metrics)),
+            stop_on_stall: false,
         })
+    }
+
+    /// For runs that must end (benchmarks, replays): a stalled partition stops the worker with an
+    /// error naming it, rather than leaving the run waiting forever. A serving worker only
+    /// reports it (log, metric, `/readyz`): the broker may recover.
+    pub fn stop_on_stall(mut self) -> Self {
+        self.stop_on_stall = true;
+        self
     }
 
     /// [`Self::load`] off the async runtime.
@@ -150,6 +176,7 @@ impl Worker {
             health,
             inflight,
             recorder,
+            stop_on_stall,
         } = self;
         let cfg = Arc::new(cfg);
         let info = scorer.info().clone();
@@ -284,6 +311,7 @@ impl Worker {
             assignments,
             ranges,
             rewinds: rewind_rx,
+            stop_on_stall,
             // Whichever producer writes the outputs can fail fatally.
             fatal: txn
                 .as_ref()
@@ -306,7 +334,7 @@ impl Worker {
             let _ = consumer.pause(&a);
         }
         let _ = coord_tx.send(ToCoordinator::Drain);
-        if exit != Exit::Fatal {
+        if !matches!(exit, Exit::Fatal | Exit::Stalled) {
             let deadline = Instant::now() + Duration::from_millis(cfg.shutdown.drain_timeout_ms);
             if !wait_until(&drained, Some(deadline), None).await {
                 let pending = tracker.lock().in_flight();
@@ -346,10 +374,14 @@ impl Worker {
             s.stop().await;
         }
         recorder.log("stopped");
-        if exit == Exit::Fatal {
-            return Err(ProducerFailed.into());
+        match exit {
+            Exit::Fatal => Err(Stopped::ProducerFailed.into()),
+            Exit::Stalled => {
+                let list = health.stalled().iter().map(|s| s.to_string()).collect();
+                Err(Stopped::Stalled(list).into())
+            }
+            Exit::Shutdown | Exit::RangesDone => Ok(recorder.snapshot()),
         }
-        Ok(recorder.snapshot())
     }
 }
 

@@ -33,7 +33,7 @@ pub fn recorder() -> Arc<Recorder> {
             revision: "r",
             device: "cpu",
         },
-        Arc::new(Health::new(Duration::from_secs(1))),
+        Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(60))),
         || 0,
         &OtelConfig::default(),
     )

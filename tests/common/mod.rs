@@ -469,6 +469,40 @@ pub fn mock_backlog(name: &str, partitions: i32, n: usize) -> Mock {
     m
 }
 
+/// Events the size production sends: SciFact queries with 100 candidates each, every passage cut
+/// or extended to between 300 and 1,000 bytes (~40 KB an event), `req-0..n`.
+pub fn realistic_events(n: usize) -> Vec<Value> {
+    let base = scifact_events(n.min(300), 100);
+    (0..n)
+        .map(|i| {
+            let mut e = base[i % base.len()].clone();
+            e["request_id"] = serde_json::json!(format!("req-{i}"));
+            let cands = e["candidates"].as_array_mut().expect("candidates");
+            let texts: Vec<String> = cands
+                .iter()
+                .map(|c| c["text"].as_str().unwrap_or_default().to_string())
+                .collect();
+            for (j, c) in cands.iter_mut().enumerate() {
+                let want = 300 + (i * 131 + j * 37) % 701;
+                let mut t = texts[j].clone();
+                let mut k = j;
+                while t.len() < want {
+                    k = (k + 1) % texts.len();
+                    t.push(' ');
+                    t.push_str(&texts[k]);
+                }
+                let mut cut = want;
+                while !t.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                t.truncate(cut);
+                c["text"] = serde_json::json!(t);
+            }
+            e
+        })
+        .collect()
+}
+
 /// One-candidate SciFact events `req-0..n`; delivery is under test, not scores.
 pub fn tiny_events(n: usize) -> Vec<Value> {
     let base = scifact_events(300, 1);

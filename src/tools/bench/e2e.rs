@@ -217,7 +217,7 @@ pub async fn end_to_end(
     // The process's high-water mark would include the bare session: sample while the worker runs.
     let (sampler, peak_rss) = spawn_rss_sampler();
     let c = cfg.clone();
-    let worker = crate::worker::Worker::spawn_load(c).await?;
+    let worker = crate::worker::Worker::spawn_load(c).await?.stop_on_stall();
     let recorder = worker.recorder.clone();
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
@@ -228,11 +228,13 @@ pub async fn end_to_end(
         .create()?;
     reader.subscribe(&[&cfg.kafka.output_topic, &cfg.kafka.dlq_topic])?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let worker_task = tokio::spawn(worker.run(stop_rx));
+    let mut worker_task = tokio::spawn(worker.run(stop_rx));
 
+    // Like the retrievers that feed a worker: idempotent and batching.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("linger.ms", "2")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
         .create()?;
     // One event through first, not counted: latency is the pipeline's, not the group join's.
     let warm = crate::demo::jim_carrey_event();
@@ -245,9 +247,12 @@ pub async fn end_to_end(
         )
         .await
         .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-    tokio::time::timeout(Duration::from_secs(600), reader.recv())
-        .await
-        .context("the warm-up event got no output")??;
+    tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(600), reader.recv()) => {
+            r.context("the warm-up event got no output")??;
+        }
+        r = &mut worker_task => return Err(worker_ended(r)),
+    }
     // Counted from here, so that the worker's counters describe only the measured events.
     let before = recorder.snapshot();
 
@@ -268,10 +273,14 @@ pub async fn end_to_end(
     let cut = opt.max_seconds.map(|s| t0 + Duration::from_secs_f64(s));
     let deadline = tokio::time::Instant::from_std(cut.unwrap_or(t0 + Duration::from_secs(3600)));
     while latencies.len() < opt.events {
-        let msg = match tokio::time::timeout_at(deadline, reader.recv()).await {
-            Ok(m) => m?,
-            Err(_) if cut.is_some() => break,
-            Err(_) => anyhow::bail!("benchmark timed out"),
+        // A worker that stops (a stalled partition, a fatal error) ends the benchmark with its error.
+        let msg = tokio::select! {
+            r = tokio::time::timeout_at(deadline, reader.recv()) => match r {
+                Ok(m) => m?,
+                Err(_) if cut.is_some() => break,
+                Err(_) => anyhow::bail!("benchmark timed out"),
+            },
+            r = &mut worker_task => return Err(worker_ended(r)),
         };
         let now = crate::now_ms();
         last = Instant::now();
@@ -335,6 +344,19 @@ pub async fn end_to_end(
         bare_pairs_per_s: bare,
         efficiency: e2e / bare,
     })
+}
+
+/// The error of a worker that ended while the benchmark still waited for outputs.
+fn worker_ended(
+    r: Result<anyhow::Result<crate::obs::recorder::Snapshot>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match r {
+        Ok(Err(e)) => e.context("the worker stopped before the benchmark's events were reranked"),
+        Ok(Ok(_)) => {
+            anyhow::anyhow!("the worker stopped before the benchmark's events were reranked")
+        }
+        Err(e) => anyhow::anyhow!("the worker task failed: {e}"),
+    }
 }
 
 /// The ceiling: the benchmark's own pairs, tokenized beforehand (not timed), sorted by length and
