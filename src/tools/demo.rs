@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::broker::{create_topics, TansuBroker};
 use crate::config::Config;
-use crate::pipeline::Worker;
+use crate::worker::Worker;
 
 pub const SCIFACT: &str = "../shared/data/scifact/retrieval-top100.jsonl.gz";
 

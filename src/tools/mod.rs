@@ -1,0 +1,5 @@
+//! Commands around the worker: benchmarks, the demo, and the local broker they and the tests use.
+
+pub mod bench;
+pub mod broker;
+pub mod demo;
