@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::batch::PairKey;
-use crate::infer::Score;
+use crate::model::Score;
 use crate::offsets::Ticket;
 
 pub const OUTPUT_SCHEMA_VERSION: u32 = 1;
@@ -295,7 +295,7 @@ mod tests {
     fn s(logit: f32) -> Score {
         Score {
             logit,
-            relevance: crate::infer::sigmoid(logit),
+            relevance: crate::model::sigmoid(logit),
         }
     }
 

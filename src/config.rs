@@ -617,7 +617,7 @@ impl Config {
             .get("fetch.wait.max.ms")
             .or_else(|| self.kafka.client.get("fetch.wait.max.ms"))
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(crate::ingress::FETCH_WAIT_MAX_MS);
+            .unwrap_or(crate::kafka::consumer::FETCH_WAIT_MAX_MS);
         Duration::from_millis(
             self.kafka
                 .stall_warn_ms

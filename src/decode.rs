@@ -96,6 +96,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     DuplicateCandidateId,
     DeadlineExceeded,
+    /// The tokenizer rejected a candidate (a valid event that cannot be encoded).
+    TokenizationFailed,
     InferenceFailed,
 }
 
@@ -114,11 +116,12 @@ impl ErrorCode {
             Self::PayloadTooLarge => "payload_too_large",
             Self::DuplicateCandidateId => "duplicate_candidate_id",
             Self::DeadlineExceeded => "deadline_exceeded",
+            Self::TokenizationFailed => "tokenization_failed",
             Self::InferenceFailed => "inference_failed",
         }
     }
 
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         Self::EmptyPayload,
         Self::InvalidUtf8,
         Self::InvalidJson,
@@ -131,6 +134,7 @@ impl ErrorCode {
         Self::PayloadTooLarge,
         Self::DuplicateCandidateId,
         Self::DeadlineExceeded,
+        Self::TokenizationFailed,
         Self::InferenceFailed,
     ];
 }

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::sync::watch;
 
 use reranker::config::{self, Config};
-use reranker::pipeline::Worker;
+use reranker::worker::Worker;
 
 #[derive(Parser)]
 #[command(
@@ -245,13 +245,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run(a) => {
             let cfg = a.load()?;
-            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
+            let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
             tracing::info!(config = %cfg.redacted_toml().replace('\n', "; "), "starting");
             let shutdown = shutdown_signal();
-            let c = cfg.clone();
-            let worker = tokio::task::spawn_blocking(move || Worker::load(c))
-                .await
-                .context("model loading panicked")??;
+            let worker = Worker::spawn_load(cfg.clone()).await?;
             worker.run(shutdown).await?;
             Ok(())
         }
@@ -265,7 +262,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 args.set.push(format!("kafka.dlq_topic={}", toml_str(d)));
             }
             let cfg = args.load()?;
-            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
+            let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
             let summary = reranker::replay::run(cfg, a.from, a.to, shutdown_signal()).await?;
             if a.json {
                 println!("{}", serde_json::to_string(&summary)?);
@@ -279,16 +276,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if let Some(m) = a.model {
                 cfg.model.dir = m;
             }
-            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
-            tokio::task::spawn_blocking(move || reranker::bench::check_model(&cfg.model)).await?
+            let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
+            tokio::task::spawn_blocking(move || reranker::tools::bench::check_model(&cfg.model))
+                .await?
         }
         Cmd::Bench(a) => {
             let cfg = a.config.load()?;
-            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
+            let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
             if !a.model_only {
-                let report = reranker::bench::end_to_end(
+                let report = reranker::tools::bench::end_to_end(
                     cfg,
-                    reranker::bench::E2eOptions {
+                    reranker::tools::bench::E2eOptions {
                         events: a.events,
                         candidates: a.candidates,
                         rate: a.rate,
@@ -302,19 +300,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 if a.json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    reranker::bench::print_e2e(&report);
+                    reranker::tools::bench::print_e2e(&report);
                 }
                 return Ok(());
             }
             let rows = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let mut scorer = reranker::infer::Scorer::load(&cfg.model, &cfg.model_name())?;
+                let mut scorer = reranker::model::Scorer::load(&cfg.model, &cfg.model_name())?;
                 eprintln!(
                     "bare ONNX Runtime session: {} on {}, intra-op threads {}",
                     scorer.info().file.display(),
                     scorer.info().device,
                     cfg.model.intra_op_threads
                 );
-                reranker::bench::model_only(
+                reranker::tools::bench::model_only(
                     &mut scorer,
                     &a.batch_sizes,
                     &a.seq_lens,
@@ -325,18 +323,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                reranker::bench::print_table(&rows);
+                reranker::tools::bench::print_table(&rows);
             }
             Ok(())
         }
         Cmd::Demo(a) => {
             let cfg = a.config.load()?;
-            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
+            let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
             reranker::demo::run(cfg, a.scifact_events, a.broker).await
         }
         Cmd::Tune(a) => {
             let cfg = a.config.load()?;
-            let _telemetry = reranker::telemetry::init(&cfg.log, &cfg.otel)?;
+            let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
             let opts = reranker::tools::tune::TuneOptions {
                 data: a.data.clone(),
                 qrels: a.qrels.clone(),

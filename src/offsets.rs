@@ -9,11 +9,25 @@
 //! old generation and are ignored, so nothing is stored for a partition this worker no longer owns.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicPartition {
     pub topic: String,
     pub partition: i32,
+}
+
+/// The tracker shared by the consume loop, the rebalance callback, the produce tasks and the
+/// transaction thread.
+#[derive(Clone, Default)]
+pub struct SharedTracker(Arc<Mutex<OffsetTracker>>);
+
+impl SharedTracker {
+    pub fn lock(&self) -> MutexGuard<'_, OffsetTracker> {
+        // A panic elsewhere must not take offset tracking down with it; the state stays consistent
+        // because every mutation is a single call.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Proof that an offset was registered; handed back on completion.

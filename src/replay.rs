@@ -4,11 +4,9 @@
 //! the end offsets captured when it starts (or `--to`).
 
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -16,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::offsets::TopicPartition;
-use crate::pipeline::{PartitionRange, Source, Worker};
+use crate::worker::{PartitionRange, Source, Worker};
 
 /// A start or end position: an offset (the same on every partition) or a record timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,12 +53,9 @@ pub fn plan(
     from: Position,
     to: Option<Position>,
 ) -> anyhow::Result<Vec<PartitionRange>> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.kafka.brokers);
-    for (k, v) in &cfg.kafka.client {
-        cc.set(k, v);
-    }
-    let c: BaseConsumer = cc.create().context("cannot create Kafka client")?;
+    let c: BaseConsumer = crate::kafka::client_config(&cfg.kafka, &[], &Default::default())
+        .create()
+        .context("cannot create Kafka client")?;
     let md = c
         .fetch_metadata(Some(topic), META_TIMEOUT)
         .with_context(|| format!("metadata of topic {topic}"))?;
@@ -172,11 +167,8 @@ pub async fn run(
     }
     let c = cfg.clone();
     // A replay must end: a partition that stops moving short of its end is an error.
-    let worker = tokio::task::spawn_blocking(move || Worker::load(c))
-        .await
-        .context("model loading panicked")??
-        .stop_on_stall();
-    let stats = worker.stats.clone();
+    let worker = Worker::spawn_load(c).await?.stop_on_stall();
+    let recorder = worker.recorder.clone();
 
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(total as u64),
@@ -190,15 +182,14 @@ pub async fn run(
     );
     let t0 = Instant::now();
     let ticker = {
-        let (bar, stats) = (bar.clone(), stats.clone());
+        let (bar, recorder) = (bar.clone(), recorder.clone());
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_millis(250));
             loop {
                 t.tick().await;
-                let done = stats.events_out.load(Ordering::Relaxed)
-                    + stats.dead_letters.load(Ordering::Relaxed);
-                let pairs = stats.pairs_scored.load(Ordering::Relaxed);
-                bar.set_position(done);
+                let s = recorder.snapshot();
+                let pairs = s.pairs_scored;
+                bar.set_position(s.finished());
                 bar.set_message(format!(
                     "{:.1} pairs/s",
                     pairs as f64 / t0.elapsed().as_secs_f64().max(1e-3)
@@ -209,14 +200,9 @@ pub async fn run(
     let result = worker.run_source(shutdown, Source::Ranges(ranges)).await;
     ticker.abort();
     bar.finish_and_clear();
-    let stats = result?;
+    let s = result?;
     let wall_s = t0.elapsed().as_secs_f64();
-    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let (reranked, dead_letters, pairs) = (
-        g(&stats.events_out),
-        g(&stats.dead_letters),
-        g(&stats.pairs_scored),
-    );
+    let (reranked, dead_letters, pairs) = (s.events_out, s.dead_letters, s.pairs_scored);
     Ok(Summary {
         events: reranked + dead_letters,
         reranked,

@@ -1,7 +1,12 @@
-//! Stall detection: a partition that has records the worker has not read, is not paused on
-//! purpose, and whose position has not moved for `kafka.stall_warn_ms`. A broker that reports a
+//! Stall detection: a partition that is not paused on purpose, whose position is not at its high
+//! watermark, and whose position has not moved for `kafka.stall_warn_ms`. A broker that reports a
 //! wrong high watermark, or a fetch stuck in the client, would otherwise look like a quiet topic:
 //! no error, no log line, `/readyz` green. Pure: the caller feeds positions and time.
+//!
+//! Behind the watermark is the usual case (records the worker does not get). A position *past*
+//! the high watermark cannot happen on a correct broker (a consumer reads only below it), and is
+//! what tansu 0.6's memory engine shows: it reports one past the base offset of the last record
+//! batch, so a consumer restarted inside that batch sits past the watermark and gets nothing.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -81,7 +86,8 @@ impl StallDetector {
             let Some(position) = p.position else {
                 continue;
             };
-            let behind = p.high_watermark > position;
+            // An unknown watermark (-1, no fetch answered yet) says nothing either way.
+            let behind = p.high_watermark >= 0 && p.high_watermark != position;
             let w = self.parts.remove(&p.tp).unwrap_or(Watch {
                 position,
                 moved: now,
@@ -172,6 +178,22 @@ mod tests {
             .stalled
             .is_empty());
         assert_eq!(d.stalled(), vec![tp(0)]);
+    }
+
+    #[test]
+    fn a_position_past_the_high_watermark_that_does_not_move_is_a_stall() {
+        let mut d = StallDetector::new(T);
+        let t0 = Instant::now();
+        d.observe(t0, &[pos(0, 40, 1, false)]);
+        let c = d.observe(t0 + T, &[pos(0, 40, 1, false)]);
+        assert_eq!(c.stalled.len(), 1);
+        // An unknown watermark is not evidence.
+        let mut d = StallDetector::new(T);
+        d.observe(t0, &[pos(0, 40, -1, false)]);
+        assert!(d
+            .observe(t0 + T, &[pos(0, 40, -1, false)])
+            .stalled
+            .is_empty());
     }
 
     #[test]

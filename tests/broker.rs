@@ -10,34 +10,17 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{rt, unique};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use reranker::broker::{create_topics, Storage, TansuBroker};
 
 /// How long a read may wait for records that the broker has acknowledged.
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Producer statistics, to prove that records really shared batches.
-#[derive(Clone, Default)]
-struct StatsContext(Arc<Mutex<Option<Statistics>>>);
-
-impl ClientContext for StatsContext {
-    fn stats(&self, s: Statistics) {
-        *self.0.lock().unwrap() = Some(s);
-    }
-}
-
-impl ProducerContext for StatsContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
-}
 
 fn payload(i: usize, size: usize) -> Vec<u8> {
     let mut v = format!("record-{i}:").into_bytes();
@@ -46,47 +29,10 @@ fn payload(i: usize, size: usize) -> Vec<u8> {
 }
 
 /// Produces `n` records of `size` bytes into partition 0 of `topic`; returns the mean number of
-/// records per batch that librdkafka reports.
+/// records per batch.
 fn produce_batched(bootstrap: &str, topic: &str, n: usize, size: usize) -> f64 {
-    let ctx = StatsContext::default();
-    let p: ThreadedProducer<StatsContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "50")
-        .set("statistics.interval.ms", "100")
-        .create_with_context(ctx.clone())
-        .expect("producer");
-    for i in 0..n {
-        let key = format!("k{}", i % 7);
-        let value = payload(i, size);
-        let mut rec = BaseRecord::to(topic).key(&key).payload(&value).partition(0);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((e, r)) => {
-                    assert!(
-                        matches!(
-                            e.rdkafka_error_code(),
-                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                        ),
-                        "produce: {e}"
-                    );
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-    p.flush(Duration::from_secs(30)).expect("flush");
-    // Statistics after the flush count every batch sent.
-    std::thread::sleep(Duration::from_millis(300));
-    let stats = ctx.0.lock().unwrap().clone().expect("producer statistics");
-    let w = &stats.topics[topic].batchcnt;
-    if w.cnt == 0 {
-        0.0
-    } else {
-        w.sum as f64 / w.cnt as f64
-    }
+    let payloads: Vec<Vec<u8>> = (0..n).map(|i| payload(i, size)).collect();
+    common::produce_batched(bootstrap, topic, &payloads)
 }
 
 fn consumer(bootstrap: &str, group: &str) -> BaseConsumer {

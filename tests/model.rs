@@ -6,7 +6,7 @@ mod common;
 use std::io::BufRead;
 
 use reranker::config::ModelConfig;
-use reranker::infer::{Scorer, TensorBatch};
+use reranker::model::{Scorer, TensorBatch};
 use reranker::tokenize::PairTokenizer;
 use serde_json::Value;
 

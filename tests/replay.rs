@@ -148,11 +148,11 @@ fn replay_selects_a_time_range_stops_by_itself_and_is_deterministic() {
     let gap = Duration::from_millis(1500);
     rt.block_on(produce_now(&bs, &t.input, &events[..4], 2));
     std::thread::sleep(gap);
-    let from_ms = reranker::pipeline::now_ms();
+    let from_ms = reranker::now_ms();
     std::thread::sleep(gap);
     rt.block_on(produce_now(&bs, &t.input, &events[4..8], 2));
     std::thread::sleep(gap);
-    let to_ms = reranker::pipeline::now_ms();
+    let to_ms = reranker::now_ms();
     std::thread::sleep(gap);
     rt.block_on(produce_now(&bs, &t.input, &events[8..], 2));
     let in_range: HashSet<String> = (4..8).map(|i| format!("req-{i}")).collect();

@@ -27,7 +27,7 @@ use reranker::assemble::{self, CandidateMeta, Completed, EventMeta, ModelRef};
 use reranker::config::LimitsConfig;
 use reranker::decode::{self, ErrorCode};
 use reranker::dlq::{self, DeadLetter, DlqInput};
-use reranker::infer::{sigmoid, Score};
+use reranker::model::{sigmoid, Score};
 use reranker::offsets::{Ticket, TopicPartition};
 
 const INPUT: &str = "retrieval-result.v1.json";
@@ -1057,6 +1057,7 @@ fn dead_letter_code_enum_is_exactly_error_code_all() {
             | ErrorCode::PayloadTooLarge
             | ErrorCode::DuplicateCandidateId
             | ErrorCode::DeadlineExceeded
+            | ErrorCode::TokenizationFailed
             | ErrorCode::InferenceFailed => true,
         }
     }
@@ -1073,6 +1074,7 @@ fn dead_letter_code_enum_is_exactly_error_code_all() {
         ErrorCode::PayloadTooLarge,
         ErrorCode::DuplicateCandidateId,
         ErrorCode::DeadlineExceeded,
+        ErrorCode::TokenizationFailed,
         ErrorCode::InferenceFailed,
     ];
     for c in every_variant {

@@ -251,12 +251,17 @@ impl Input {
 }
 
 pub async fn produce(bootstrap: &str, topic: &str, inputs: &[Input]) {
+    produce_lingering(bootstrap, topic, inputs, 20).await
+}
+
+/// [`produce`] with the producer's `linger.ms`: a long linger puts a small input in one batch.
+pub async fn produce_lingering(bootstrap: &str, topic: &str, inputs: &[Input], linger_ms: u32) {
     // As production producers do: idempotent, lingering, so that many records share a batch and
     // consumers must seek into multi-record batches after a pause, rebalance or restart.
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
+        .set("linger.ms", linger_ms.to_string())
         .create()
         .expect("producer");
     let mut futs = Vec::new();
@@ -288,6 +293,76 @@ pub async fn produce(bootstrap: &str, topic: &str, inputs: &[Input]) {
     for f in futs {
         f.await.map_err(|(e, _)| e).expect("produce");
     }
+}
+
+/// Records and batches sent, summed over the producer's statistics reports (each report's
+/// `batchcnt` window covers only the interval since the one before).
+#[derive(Clone, Default)]
+struct BatchStats(std::sync::Arc<std::sync::Mutex<(i64, i64, usize)>>);
+
+impl rdkafka::ClientContext for BatchStats {
+    fn stats(&self, s: rdkafka::Statistics) {
+        let mut t = self.0.lock().unwrap();
+        for topic in s.topics.values() {
+            t.0 += topic.batchcnt.sum;
+            t.1 += topic.batchcnt.cnt;
+        }
+        t.2 += 1;
+    }
+}
+
+impl rdkafka::producer::ProducerContext for BatchStats {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Produces `payloads` (keyed, idempotent, `linger.ms` 50, all sent before the first batch
+/// leaves) into partition 0 of `topic`; returns the mean number of records per batch, so a
+/// test can show that it really reads inside multi-record batches.
+pub fn produce_batched(bootstrap: &str, topic: &str, payloads: &[Vec<u8>]) -> f64 {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let ctx = BatchStats::default();
+    let p: ThreadedProducer<BatchStats> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "50")
+        .set("statistics.interval.ms", "100")
+        .create_with_context(ctx.clone())
+        .expect("producer");
+    for (i, value) in payloads.iter().enumerate() {
+        let key = format!("k{}", i % 7);
+        let mut rec = BaseRecord::to(topic).key(&key).payload(value).partition(0);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    assert!(
+                        matches!(
+                            e.rdkafka_error_code(),
+                            Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        ),
+                        "produce: {e}"
+                    );
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+    // The first report after the flush covers the last batches.
+    let reports = ctx.0.lock().unwrap().2;
+    let t0 = Instant::now();
+    while ctx.0.lock().unwrap().2 < reports + 2 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (records, batches, _) = *ctx.0.lock().unwrap();
+    assert_eq!(
+        records,
+        payloads.len() as i64,
+        "every record counted in a batch"
+    );
+    records as f64 / batches.max(1) as f64
 }
 
 /// Reads topics from the beginning (manual assignment, no group) until `done` says so or the

@@ -1,4 +1,4 @@
-//! Inference: one ONNX Runtime session owned by a dedicated thread.
+//! The model: one ONNX Runtime session owned by a dedicated inference thread.
 //!
 //! `Session::run` takes `&mut self` and blocks for the whole batch, so the session lives on its own
 //! OS thread fed through a one-slot channel: the batcher prepares the next batch's tensors while the
@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::batch::{Batch, CloseReason, PairKey};
 use crate::config::{Device, ModelConfig, OptLevel};
-use crate::telemetry;
+use crate::obs::telemetry;
+
+pub mod warm_up;
 use crate::tokenize::EncodedPair;
 
 const ORT_VERSION: &str = "1.31.1";
@@ -398,9 +400,28 @@ impl InferRequest {
     }
 }
 
+/// Why a batch, or one event of it, has no usable scores; its events are dead-lettered as
+/// `inference_failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InferError {
+    /// The session failed to run the batch.
+    Run(String),
+    /// The model returned a NaN or infinite logit.
+    NonFinite(f32),
+}
+
+impl std::fmt::Display for InferError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Run(e) => f.write_str(e),
+            Self::NonFinite(x) => write!(f, "model returned a non-finite score ({x})"),
+        }
+    }
+}
+
 pub struct InferResult {
     pub keys: Vec<PairKey>,
-    pub scores: Result<Vec<Score>, String>,
+    pub scores: Result<Vec<Score>, InferError>,
     pub started: Instant,
     pub elapsed: Duration,
     pub enqueued: Vec<Instant>,
@@ -431,11 +452,14 @@ pub fn spawn(
                     &req.links,
                 );
                 let started = Instant::now();
-                let scores =
-                    span.in_scope(|| scorer.score(&req.tensors).map_err(|e| e.to_string()));
+                let scores = span.in_scope(|| {
+                    scorer
+                        .score(&req.tensors)
+                        .map_err(|e| InferError::Run(e.to_string()))
+                });
                 if let Err(e) = &scores {
                     span.record("otel.status_code", "ERROR");
-                    span.record("otel.status_description", e.as_str());
+                    span.record("otel.status_description", e.to_string().as_str());
                 }
                 drop(span);
                 let res = InferResult {

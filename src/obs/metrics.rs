@@ -1,5 +1,5 @@
-//! Metrics and health state: OpenTelemetry instruments exported as Prometheus text on `/metrics`
-//! (see [`crate::http`]), and the facts `/readyz` decides on.
+//! OpenTelemetry instruments, exported as Prometheus text on `/metrics` (see [`super::http`]).
+//! Events reach them through [`super::recorder::Recorder`], never directly.
 //!
 //! Instruments are created once per worker and shared through `Arc<Metrics>`; hot-path recordings
 //! carry no attributes (the SDK's lock-free / single-lock no-attribute path) and never allocate.
@@ -28,20 +28,16 @@
 //! | `reranker.inflight.pairs` (`{pair}`) | `reranker_inflight_pairs` |
 //! | `reranker.model.info` (=1; `model.name`, `model.revision`, `device`) | `reranker_model_info{model_name, model_revision, device}` |
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::health::Health;
+use super::telemetry;
+use crate::config::OtelConfig;
+use crate::decode::ErrorCode;
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider, ObservableGauge};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use rdkafka::Statistics;
-
-use crate::config::OtelConfig;
-use crate::decode::ErrorCode;
-use crate::offsets::TopicPartition;
-use crate::stall::{PartitionPosition, Stall, StallDetector};
-use crate::telemetry;
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -58,232 +54,16 @@ const TOKEN_BUCKETS: &[f64] = &[
 ];
 const RATIO_BUCKETS: &[f64] = &[0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 
-/// Consumer lag of one assigned partition, with its attributes built once per statistics report.
-struct LagPoint {
-    attrs: [KeyValue; 2],
-    lag: i64,
-}
-
-/// What `/readyz` and the gauges read; written by the rebalance and statistics callbacks, the
-/// ingress loop and the worker's start/stop.
-pub struct Health {
-    epoch: Instant,
-    broker_timeout: Duration,
-    model_warmed: AtomicBool,
-    draining: AtomicBool,
-    assigned: AtomicUsize,
-    paused: AtomicBool,
-    /// Milliseconds after `epoch`, plus one, when a broker was last seen connected; 0 = never.
-    broker_seen: AtomicU64,
-    lag: Mutex<Vec<LagPoint>>,
-    stalls: Mutex<Stalls>,
-}
-
-struct Stalls {
-    detector: StallDetector,
-    /// Stalled now, for `/readyz`, the gauge and whoever must stop on a stall.
-    current: Vec<Stall>,
-    /// Paused on purpose one by one (a replay range at its end); never a stall.
-    done: std::collections::HashSet<TopicPartition>,
-}
-
-impl Health {
-    /// `stall_after`: how long a partition may sit behind without moving before it counts as
-    /// stalled (`kafka.stall_warn_ms`).
-    pub fn new(broker_timeout: Duration, stall_after: Duration) -> Self {
-        Self {
-            epoch: Instant::now(),
-            broker_timeout,
-            model_warmed: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            assigned: AtomicUsize::new(0),
-            paused: AtomicBool::new(false),
-            broker_seen: AtomicU64::new(0),
-            lag: Mutex::new(Vec::new()),
-            stalls: Mutex::new(Stalls {
-                detector: StallDetector::new(stall_after),
-                current: Vec::new(),
-                done: Default::default(),
-            }),
-        }
-    }
-
-    /// A partition the worker paused for good (its replay range is done).
-    pub fn set_partition_done(&self, tp: TopicPartition) {
-        self.lock_stalls().done.insert(tp);
-    }
-
-    /// Partitions stalled now (see [`crate::stall`]).
-    pub fn stalled(&self) -> Vec<Stall> {
-        self.lock_stalls().current.clone()
-    }
-
-    fn lock_stalls(&self) -> std::sync::MutexGuard<'_, Stalls> {
-        self.stalls.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs the stall detector over the owned partitions of a statistics report; logs each stall
-    /// and recovery once.
-    fn observe_positions(&self, s: &Statistics) {
-        // A drain pauses every partition without telling `paused`.
-        let paused = self.paused.load(Ordering::Relaxed) || self.draining.load(Ordering::Relaxed);
-        let mut st = self.lock_stalls();
-        let mut view = Vec::new();
-        for (topic, t) in &s.topics {
-            for p in t
-                .partitions
-                .values()
-                .filter(|p| p.partition >= 0 && p.desired)
-            {
-                let tp = TopicPartition {
-                    topic: topic.clone(),
-                    partition: p.partition,
-                };
-                // Where the application reads next; before its first record, where the fetcher
-                // starts (librdkafka reports -1001 for "not known yet").
-                let position = [p.app_offset, p.next_offset, p.committed_offset]
-                    .into_iter()
-                    .find(|o| *o >= 0);
-                view.push(PartitionPosition {
-                    paused: paused || st.done.contains(&tp),
-                    tp,
-                    position,
-                    low_watermark: p.lo_offset,
-                    high_watermark: p.hi_offset,
-                });
-            }
-        }
-        let changes = st.detector.observe(Instant::now(), &view);
-        for s in &changes.stalled {
-            tracing::warn!(
-                topic = %s.tp.topic,
-                partition = s.tp.partition,
-                position = s.position,
-                low_watermark = s.low_watermark,
-                high_watermark = s.high_watermark,
-                stalled_ms = s.since.elapsed().as_millis() as u64,
-                "partition stalled: records behind the high watermark, position not moving"
-            );
-        }
-        for tp in &changes.recovered {
-            tracing::info!(topic = %tp.topic, partition = tp.partition, "partition moving again");
-        }
-        let stalled = st.detector.stalled();
-        let mut current: Vec<Stall> = std::mem::take(&mut st.current)
-            .into_iter()
-            .filter(|s| stalled.contains(&s.tp))
-            .collect();
-        current.extend(changes.stalled);
-        st.current = current;
-    }
-
-    pub fn set_model_warmed(&self) {
-        self.model_warmed.store(true, Ordering::Relaxed);
-    }
-
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    pub fn set_assigned(&self, partitions: usize) {
-        self.assigned.store(partitions, Ordering::Relaxed);
-    }
-
-    pub fn assigned(&self) -> usize {
-        self.assigned.load(Ordering::Relaxed)
-    }
-
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
-    }
-
-    /// Partitions currently paused by backpressure (the ingress pauses its whole assignment).
-    pub fn paused_partitions(&self) -> usize {
-        if self.paused.load(Ordering::Relaxed) {
-            self.assigned()
-        } else {
-            0
-        }
-    }
-
-    /// A broker answered (group assignment) or a statistics report showed a connection up.
-    pub fn broker_seen(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
-        self.broker_seen.store(ms, Ordering::Relaxed);
-    }
-
-    /// Takes the consumer's librdkafka statistics: broker connection state and per-partition lag
-    /// of the partitions this consumer owns (`desired`).
-    pub fn on_statistics(&self, s: &Statistics) {
-        if s.brokers.values().any(|b| b.state == "UP") {
-            self.broker_seen();
-        }
-        let mut points = Vec::new();
-        for (topic, t) in &s.topics {
-            for p in t.partitions.values() {
-                // -1 is librdkafka's internal "unassigned" partition.
-                if p.partition < 0 || !p.desired {
-                    continue;
-                }
-                // Lag against the committed offset; before the first commit only the stored one
-                // is known; unknown (-1) is left out rather than reported as zero.
-                let lag = if p.consumer_lag >= 0 {
-                    p.consumer_lag
-                } else {
-                    p.consumer_lag_stored
-                };
-                if lag < 0 {
-                    continue;
-                }
-                points.push(LagPoint {
-                    attrs: [
-                        KeyValue::new("messaging.destination.name", topic.clone()),
-                        KeyValue::new(
-                            "messaging.destination.partition.id",
-                            p.partition.to_string(),
-                        ),
-                    ],
-                    lag,
-                });
-            }
-        }
-        *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = points;
-        self.observe_positions(s);
-    }
-
-    /// `Ok` when the worker can do its job; otherwise a short reason for `/readyz`.
-    pub fn readiness(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Err("shutting down".into());
-        }
-        if !self.model_warmed.load(Ordering::Relaxed) {
-            return Err("model not warmed up".into());
-        }
-        if self.assigned() == 0 {
-            return Err("no partitions assigned".into());
-        }
-        let stalled = self.stalled();
-        if !stalled.is_empty() {
-            let list: Vec<String> = stalled.iter().map(Stall::to_string).collect();
-            return Err(format!("partitions stalled: {}", list.join(", ")));
-        }
-        match self.broker_seen.load(Ordering::Relaxed) {
-            0 => Err("broker not reachable: no connected broker seen yet".into()),
-            seen => {
-                let age = Duration::from_millis(
-                    (self.epoch.elapsed().as_millis() as u64 + 1).saturating_sub(seen),
-                );
-                if age > self.broker_timeout {
-                    Err(format!(
-                        "broker not reachable: no connected broker for {:.1}s",
-                        age.as_secs_f64()
-                    ))
-                } else {
-                    Ok(())
-                }
-            }
-        }
-    }
+/// One inference batch that ran, successfully or not.
+#[derive(Clone, Copy)]
+pub struct BatchRun<'a> {
+    pub rows: usize,
+    pub seq_len: usize,
+    pub real_tokens: usize,
+    pub started: Instant,
+    pub elapsed: Duration,
+    /// When each pair entered the batcher.
+    pub enqueued: &'a [Instant],
 }
 
 /// Labels of the `reranker.model.info` gauge.
@@ -296,15 +76,15 @@ pub struct ModelLabels<'a> {
 pub struct Metrics {
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
-    pub events_consumed: Counter<u64>,
-    pub events_produced: Counter<u64>,
+    events_consumed: Counter<u64>,
+    events_produced: Counter<u64>,
     events_dead_lettered: Counter<u64>,
-    pub pairs_scored: Counter<u64>,
+    pairs_scored: Counter<u64>,
     batch_size: Histogram<u64>,
     batch_tokens: Histogram<u64>,
     batch_padding: Histogram<f64>,
     queue_wait: Histogram<f64>,
-    pub tokenization: Histogram<f64>,
+    tokenization: Histogram<f64>,
     inference: Histogram<f64>,
     event_duration: Histogram<f64>,
     _gauges: (Vec<ObservableGauge<u64>>, ObservableGauge<i64>),
@@ -421,10 +201,7 @@ impl Metrics {
                 "Messages behind the partition's high watermark, per assigned partition (librdkafka statistics)",
             )
             .with_callback(move |o| {
-                let points = health.lag.lock().unwrap_or_else(|p| p.into_inner());
-                for p in points.iter() {
-                    o.observe(p.lag, &p.attrs);
-                }
+                health.each_lag(|lag, attrs| o.observe(lag, attrs));
             })
             .build();
 
@@ -493,27 +270,38 @@ impl Metrics {
         })
     }
 
+    pub fn consumed(&self) {
+        self.events_consumed.add(1, &[]);
+    }
+
+    pub fn scored(&self, pairs: usize) {
+        self.pairs_scored.add(pairs as u64, &[]);
+    }
+
+    pub fn tokenized(&self, elapsed: Duration) {
+        self.tokenization.record(elapsed.as_secs_f64(), &[]);
+    }
+
     pub fn dead_lettered(&self, code: ErrorCode) {
         self.events_dead_lettered
             .add(1, &[KeyValue::new("error.code", code.as_str())]);
     }
 
-    /// One finished inference batch.
-    pub fn batch(
-        &self,
-        rows: usize,
-        seq_len: usize,
-        real_tokens: usize,
-        started: Instant,
-        elapsed: Duration,
-        enqueued: &[Instant],
-    ) {
+    pub fn batch(&self, b: &BatchRun<'_>) {
+        let BatchRun {
+            rows,
+            seq_len,
+            real_tokens,
+            started,
+            elapsed,
+            enqueued,
+        } = *b;
         let slots = rows * seq_len;
         self.batch_size.record(rows as u64, &[]);
         self.batch_tokens.record(slots as u64, &[]);
         if slots > 0 {
-            let padding = slots.saturating_sub(real_tokens) as f64 / slots as f64;
-            self.batch_padding.record(padding, &[]);
+            self.batch_padding
+                .record(padding_ratio(real_tokens as u64, slots as u64), &[]);
         }
         self.inference.record(elapsed.as_secs_f64(), &[]);
         for &t in enqueued {
@@ -540,6 +328,15 @@ impl Metrics {
     }
 }
 
+/// The one definition of the padding ratio, for the metric, the log and the benchmark alike: the
+/// fraction of token slots that are padding (0 = none).
+pub fn padding_ratio(real_tokens: u64, slots: u64) -> f64 {
+    if slots == 0 {
+        return 0.0;
+    }
+    slots.saturating_sub(real_tokens) as f64 / slots as f64
+}
+
 impl Drop for Metrics {
     fn drop(&mut self) {
         let _ = self.provider.shutdown();
@@ -549,33 +346,6 @@ impl Drop for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn readiness_names_what_is_missing() {
-        let h = Health::new(Duration::from_millis(200), Duration::from_secs(60));
-        assert_eq!(h.readiness().unwrap_err(), "model not warmed up");
-        h.set_model_warmed();
-        assert_eq!(h.readiness().unwrap_err(), "no partitions assigned");
-        h.set_assigned(2);
-        assert!(h
-            .readiness()
-            .unwrap_err()
-            .starts_with("broker not reachable"));
-        h.broker_seen();
-        assert_eq!(h.readiness(), Ok(()));
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(h
-            .readiness()
-            .unwrap_err()
-            .starts_with("broker not reachable"));
-        h.broker_seen();
-        assert_eq!(h.readiness(), Ok(()));
-        assert_eq!(h.paused_partitions(), 0);
-        h.set_paused(true);
-        assert_eq!(h.paused_partitions(), 2);
-        h.set_draining();
-        assert_eq!(h.readiness().unwrap_err(), "shutting down");
-    }
 
     #[test]
     fn prometheus_names_follow_otel_conventions() {
@@ -592,10 +362,18 @@ mod tests {
             &OtelConfig::default(),
         )
         .unwrap();
-        m.events_consumed.add(2, &[]);
+        m.consumed();
+        m.consumed();
         m.dead_lettered(ErrorCode::InvalidJson);
         let t0 = Instant::now();
-        m.batch(4, 10, 30, t0, Duration::from_millis(3), &[t0; 4]);
+        m.batch(&BatchRun {
+            rows: 4,
+            seq_len: 10,
+            real_tokens: 30,
+            started: t0,
+            elapsed: Duration::from_millis(3),
+            enqueued: &[t0; 4],
+        });
         m.produced(Some(1), 1001);
         let text = m.encode();
         for want in [

@@ -1,9 +1,10 @@
-//! Kafka ingress: one consumer per process (per-partition queues have open bugs upstream), offsets
+//! The Kafka consumer: one per process (per-partition queues have open bugs upstream), offsets
 //! stored only after output is acknowledged, and a rebalance callback that commits what is done
 //! before partitions move.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -12,16 +13,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::metrics::Health;
-use crate::offsets::{OffsetTracker, TopicPartition};
-
-pub type Tracker = Arc<Mutex<OffsetTracker>>;
-
-pub fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, OffsetTracker> {
-    // A panic elsewhere must not take offset tracking down with it; the state stays consistent
-    // because every mutation is a single call.
-    t.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::kafka::txn::TxnHandle;
+use crate::obs::health::Health;
+use crate::offsets::{SharedTracker, TopicPartition};
 
 /// Told to the coordinator so it can drop queued work of partitions that moved away.
 #[derive(Debug)]
@@ -29,18 +23,21 @@ pub enum RebalanceNote {
     Revoked(Vec<TopicPartition>),
 }
 
-pub struct IngressContext {
-    pub tracker: Tracker,
+/// The worker's consumer.
+pub type KafkaConsumer = rdkafka::consumer::StreamConsumer<RebalanceContext>;
+
+pub struct RebalanceContext {
+    pub tracker: SharedTracker,
     pub notes: mpsc::UnboundedSender<RebalanceNote>,
     /// Bumped on every assignment, so a paused ingress re-pauses partitions it was just given.
     pub assignments: Arc<AtomicU64>,
     /// Assigned partitions, broker reachability and consumer lag for `/readyz` and `/metrics`.
     pub health: Arc<Health>,
     /// exactly_once: the transaction thread, asked to commit before partitions move.
-    pub txn: Option<std::sync::mpsc::Sender<crate::txn::TxnMsg>>,
+    pub txn: Option<TxnHandle>,
 }
 
-impl ClientContext for IngressContext {
+impl ClientContext for RebalanceContext {
     /// librdkafka statistics (every `kafka.statistics_interval_ms`): consumer lag per owned
     /// partition and whether any broker connection is up.
     fn stats(&self, statistics: rdkafka::Statistics) {
@@ -58,7 +55,7 @@ fn tps(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
         .collect()
 }
 
-impl ConsumerContext for IngressContext {
+impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) if self.txn.is_some() => {
@@ -66,7 +63,7 @@ impl ConsumerContext for IngressContext {
                 {
                     // Completions of revoked partitions now count for nothing, so the commit
                     // below holds exactly what was released for them.
-                    let mut t = lock(&self.tracker);
+                    let mut t = self.tracker.lock();
                     for tp in &revoked {
                         t.revoke(tp);
                     }
@@ -74,14 +71,10 @@ impl ConsumerContext for IngressContext {
                 // Fencing: the open transaction must end before the partitions go, or the next
                 // owner would redo work whose outputs are still pending here. Blocks the consumer's
                 // callback (as the synchronous commit of at_least_once does) until it ends.
-                let (ack_tx, ack_rx) = std::sync::mpsc::channel();
                 let committed = self
                     .txn
                     .as_ref()
-                    .is_some_and(|t| t.send(crate::txn::TxnMsg::CommitNow(ack_tx)).is_ok())
-                    && ack_rx
-                        .recv_timeout(std::time::Duration::from_secs(90))
-                        .unwrap_or(false);
+                    .is_some_and(|t| t.commit_now(Duration::from_secs(90)));
                 tracing::info!(partitions = ?revoked.iter().map(|t| t.partition).collect::<Vec<_>>(), committed, "partitions revoked; transaction ended");
                 let _ = self.notes.send(RebalanceNote::Revoked(revoked));
             }
@@ -89,7 +82,7 @@ impl ConsumerContext for IngressContext {
                 let revoked = tps(tpl);
                 let mut commit = TopicPartitionList::new();
                 {
-                    let mut t = lock(&self.tracker);
+                    let mut t = self.tracker.lock();
                     for tp in &revoked {
                         if let Some(point) = t.revoke(tp) {
                             let _ = commit.add_partition_offset(
@@ -124,7 +117,7 @@ impl ConsumerContext for IngressContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = tps(tpl);
             {
-                let mut t = lock(&self.tracker);
+                let mut t = self.tracker.lock();
                 for tp in &assigned {
                     t.assign(tp.clone());
                 }
@@ -145,7 +138,7 @@ impl ConsumerContext for IngressContext {
     }
 }
 
-impl IngressContext {
+impl RebalanceContext {
     /// Counts the assignment after a rebalance (eager and cooperative protocols alike).
     fn update_assigned(&self, consumer: &BaseConsumer<Self>) {
         if let Ok(a) = consumer.assignment() {
@@ -159,33 +152,30 @@ pub const FETCH_WAIT_MAX_MS: u64 = 100;
 
 pub fn consumer_config(cfg: &Config) -> ClientConfig {
     let k = &cfg.kafka;
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers)
-        .set("group.id", &k.group_id)
-        // Stored offsets are committed in the background; only acknowledged work is stored.
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // A fetch that finds nothing waits this long at the broker. Kafka answers as soon as data
-        // arrives, but not every Kafka-compatible broker does (tansu waits it out), and then
-        // librdkafka's 500 ms lands on the latency of the next event after a quiet spell.
-        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string())
-        .set(
-            "queued.max.messages.kbytes",
-            cfg.flow.fetch_queue_kbytes.to_string(),
-        )
-        .set(
-            "statistics.interval.ms",
-            k.statistics_interval_ms.to_string(),
-        );
-    for (key, v) in k.client.iter().chain(&k.consumer) {
-        c.set(key, v);
-    }
-    c
+    let fetch_wait_ms = FETCH_WAIT_MAX_MS.to_string();
+    let queue_kbytes = cfg.flow.fetch_queue_kbytes.to_string();
+    let statistics_ms = k.statistics_interval_ms.to_string();
+    super::client_config(
+        k,
+        &[
+            ("group.id", &k.group_id),
+            // Stored offsets are committed in the background; only acknowledged work is stored.
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            // A fetch that finds nothing waits this long at the broker. Kafka answers as soon as
+            // data arrives, but not every Kafka-compatible broker does (tansu waits it out), and
+            // then librdkafka's 500 ms lands on the latency of the next event after a quiet spell.
+            ("fetch.wait.max.ms", &fetch_wait_ms),
+            ("queued.max.messages.kbytes", &queue_kbytes),
+            ("statistics.interval.ms", &statistics_ms),
+        ],
+        &k.consumer,
+    )
 }
 
 /// Stores commit points; the background auto-commit sends them to the broker.
-pub fn store(consumer: &impl Consumer<IngressContext>, points: &[(TopicPartition, i64)]) {
+pub fn store(consumer: &impl Consumer<RebalanceContext>, points: &[(TopicPartition, i64)]) {
     let mut tpl = TopicPartitionList::new();
     for (tp, off) in points {
         let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*off));

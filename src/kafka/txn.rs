@@ -18,22 +18,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::egress::{producer_config, OutRecord};
-use crate::ingress::{self, IngressContext, Tracker};
-use crate::offsets::{Ticket, TopicPartition};
+use crate::kafka::producer::{producer_config, OutRecord};
+use crate::offsets::{SharedTracker, Ticket, TopicPartition};
 
-/// Called once per finished event: `true` when its record went into a transaction, `false` when
-/// it was discarded (stale after a revoke or rewind; the work is redone or belongs elsewhere).
-pub type Done = Box<dyn FnOnce(bool) + Send>;
+/// What became of a finished event handed to the transaction thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Its record went into the open transaction.
+    Released,
+    /// Stale after a revoke or rewind, or the thread stopped: the work is redone or belongs
+    /// elsewhere.
+    Discarded,
+}
 
-pub enum TxnMsg {
+/// Called once per finished event.
+pub type Done = Box<dyn FnOnce(Release) + Send>;
+
+/// The consumer's group metadata, read at each commit (it changes with every rebalance).
+pub type GroupMetadata = Box<dyn Fn() -> Option<ConsumerGroupMetadata> + Send>;
+
+enum TxnMsg {
     Finished {
         rec: OutRecord,
         ticket: Ticket,
@@ -45,6 +56,38 @@ pub enum TxnMsg {
     Close(std_mpsc::Sender<bool>),
 }
 
+/// The one way to talk to the transaction thread; cheap to clone.
+#[derive(Clone)]
+pub struct TxnHandle(std_mpsc::Sender<TxnMsg>);
+
+impl TxnHandle {
+    /// Hands over a finished event; `done` is called when it is released or discarded.
+    pub fn finished(&self, rec: OutRecord, ticket: Ticket, done: Done) {
+        if let Err(std_mpsc::SendError(TxnMsg::Finished { done, .. })) =
+            self.0.send(TxnMsg::Finished { rec, ticket, done })
+        {
+            // The thread stopped (fatal error): the work is redone by whoever owns the
+            // partition next.
+            done(Release::Discarded);
+        }
+    }
+
+    /// Commits the open transaction now (before partitions move); blocks. Whether it committed.
+    pub fn commit_now(&self, timeout: Duration) -> bool {
+        self.ask(TxnMsg::CommitNow, timeout)
+    }
+
+    /// Commits and stops the thread (shutdown, after the drain); blocks. Whether it committed.
+    pub fn close(&self, timeout: Duration) -> bool {
+        self.ask(TxnMsg::Close, timeout)
+    }
+
+    fn ask(&self, msg: fn(std_mpsc::Sender<bool>) -> TxnMsg, timeout: Duration) -> bool {
+        let (ack_tx, ack_rx) = std_mpsc::channel();
+        self.0.send(msg(ack_tx)).is_ok() && ack_rx.recv_timeout(timeout).unwrap_or(false)
+    }
+}
+
 /// Asks the ingress to seek partitions back after an abort; it answers by clearing each
 /// partition's rewinding mark in the tracker.
 #[derive(Debug)]
@@ -53,7 +96,7 @@ pub struct Rewind(pub Vec<(TopicPartition, i64)>);
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct TxnEgress {
-    pub tx: std_mpsc::Sender<TxnMsg>,
+    pub handle: TxnHandle,
     pub thread: std::thread::JoinHandle<()>,
     /// Set when the producer was fenced or hit a fatal error: the worker must stop.
     pub fatal: Arc<AtomicBool>,
@@ -67,8 +110,8 @@ struct Pending {
 
 struct TxnThread {
     producer: ThreadedProducer<DefaultProducerContext>,
-    consumer: Arc<StreamConsumer<IngressContext>>,
-    tracker: Tracker,
+    group: GroupMetadata,
+    tracker: SharedTracker,
     rewind: mpsc::UnboundedSender<Rewind>,
     fatal: Arc<AtomicBool>,
     interval: Duration,
@@ -80,15 +123,24 @@ struct TxnThread {
     produced: usize,
 }
 
+/// A handle for the consumer's rebalance callback, which must exist before the consumer does and
+/// so before [`start`]; `start` serves it.
+pub fn channel() -> (TxnHandle, TxnReceiver) {
+    let (tx, rx) = std_mpsc::channel();
+    (TxnHandle(tx), TxnReceiver(rx))
+}
+
+/// The thread's end of [`channel`].
+pub struct TxnReceiver(std_mpsc::Receiver<TxnMsg>);
+
 /// Creates the transactional producer and fences older incarnations (`init_transactions`). Blocks:
 /// call off the async runtime.
 pub fn start(
     cfg: &Config,
-    consumer: Arc<StreamConsumer<IngressContext>>,
-    tracker: Tracker,
+    group: GroupMetadata,
+    tracker: SharedTracker,
     rewind: mpsc::UnboundedSender<Rewind>,
-    rx: std_mpsc::Receiver<TxnMsg>,
-    tx: std_mpsc::Sender<TxnMsg>,
+    (handle, TxnReceiver(rx)): (TxnHandle, TxnReceiver),
 ) -> anyhow::Result<TxnEgress> {
     let id = cfg.transactional_id();
     let producer: ThreadedProducer<DefaultProducerContext> = producer_config(&cfg.kafka)
@@ -103,7 +155,7 @@ pub fn start(
     let fatal = Arc::new(AtomicBool::new(false));
     let mut t = TxnThread {
         producer,
-        consumer,
+        group,
         tracker,
         rewind,
         fatal: fatal.clone(),
@@ -116,7 +168,11 @@ pub fn start(
         .name("reranker-txn".into())
         .spawn(move || t.run(rx))
         .context("cannot start the transaction thread")?;
-    Ok(TxnEgress { tx, thread, fatal })
+    Ok(TxnEgress {
+        handle,
+        thread,
+        fatal,
+    })
 }
 
 impl TxnThread {
@@ -127,7 +183,7 @@ impl TxnThread {
                 // Drain callers so that nobody waits on a dead thread.
                 for msg in rx.iter() {
                     match msg {
-                        TxnMsg::Finished { done, .. } => done(false),
+                        TxnMsg::Finished { done, .. } => done(Release::Discarded),
                         TxnMsg::CommitNow(ack) | TxnMsg::Close(ack) => {
                             let _ = ack.send(false);
                         }
@@ -173,10 +229,10 @@ impl TxnThread {
 
     fn finished(&mut self, rec: OutRecord, ticket: Ticket, done: Done) {
         let point = {
-            let mut t = ingress::lock(&self.tracker);
+            let mut t = self.tracker.lock();
             if !t.is_current(&ticket) {
                 drop(t);
-                return done(false);
+                return done(Release::Discarded);
             }
             t.complete(&ticket)
         };
@@ -189,7 +245,7 @@ impl TxnThread {
         let ready = std::mem::replace(held, rest);
         for (_, p) in ready {
             self.produce(&p.rec);
-            (p.done)(true);
+            (p.done)(Release::Released);
         }
         self.offsets.insert(tp, point);
     }
@@ -233,7 +289,7 @@ impl TxnThread {
         match self.try_commit() {
             Ok(()) => {
                 {
-                    let mut t = ingress::lock(&self.tracker);
+                    let mut t = self.tracker.lock();
                     for (tp, p) in &self.offsets {
                         t.committed(tp, *p);
                     }
@@ -262,10 +318,7 @@ impl TxnThread {
             for (tp, p) in &self.offsets {
                 tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*p))?;
             }
-            let meta = self
-                .consumer
-                .group_metadata()
-                .ok_or(KafkaError::NoMessageReceived)?;
+            let meta = (self.group)().ok_or(KafkaError::NoMessageReceived)?;
             retry(|| {
                 self.producer
                     .send_offsets_to_transaction(&tpl, &meta, TXN_TIMEOUT)
@@ -290,7 +343,7 @@ impl TxnThread {
         }
         // Fence the abandoned work first (its completions now count for nothing), then have the
         // ingress seek back; the coordinator drops its queued events on the same note.
-        let points = ingress::lock(&self.tracker).rewind_all();
+        let points = self.tracker.lock().rewind_all();
         self.discard_held();
         self.offsets.clear();
         self.produced = 0;
@@ -308,7 +361,7 @@ impl TxnThread {
 
     /// Held events of partitions that were revoked or rewound will never be released here.
     fn prune_stale(&mut self) {
-        let t = ingress::lock(&self.tracker);
+        let t = self.tracker.lock();
         let mut stale = Vec::new();
         for held in self.held.values_mut() {
             let keys: Vec<i64> = held
@@ -325,14 +378,14 @@ impl TxnThread {
         drop(t);
         self.held.retain(|_, h| !h.is_empty());
         for p in stale {
-            (p.done)(false);
+            (p.done)(Release::Discarded);
         }
     }
 
     fn discard_held(&mut self) {
         for (_, held) in self.held.drain() {
             for (_, p) in held {
-                (p.done)(false);
+                (p.done)(Release::Discarded);
             }
         }
     }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::broker::{create_topics, TansuBroker};
 use crate::config::Config;
-use crate::pipeline::Worker;
+use crate::worker::Worker;
 
 pub const SCIFACT: &str = "../shared/data/scifact/retrieval-top100.jsonl.gz";
 
@@ -113,7 +113,7 @@ const BUNDLED_REVISIONS: [&str; 2] = ["e2c92fb83adf110b", "6b2b74f8b4bdc42d"];
 /// bundled test model, that it is not one to judge reranking by.
 pub fn model_banner(cfg: &Config) -> Vec<String> {
     let file = cfg.model.dir.join(&cfg.model.file);
-    let Ok(rev) = crate::infer::file_revision(&file) else {
+    let Ok(rev) = crate::model::file_revision(&file) else {
         return Vec::new(); // the worker's load names the problem
     };
     let mut lines = vec![format!(

@@ -1,255 +1,13 @@
-//! `reranker bench --model-only` and `reranker check-model`: the bare ONNX Runtime session, which
-//! is the ceiling the end-to-end pipeline is measured against.
+//! `reranker bench`: the whole pipeline against a broker, measured against the bare session.
 
 use std::collections::HashMap;
-use std::io::BufRead;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::config::ModelConfig;
-use crate::infer::{Scorer, TensorBatch};
+use crate::model::{Scorer, TensorBatch};
 use crate::tokenize::{EncodedPair, PairTokenizer};
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ShapeResult {
-    pub batch: usize,
-    pub seq_len: usize,
-    pub runs: usize,
-    pub pairs_per_s: f64,
-    pub ms_per_batch: f64,
-}
-
-/// Scores synthetic batches of exactly `batch × seq_len` tokens (no padding) for about `budget`
-/// per shape, after one untimed warm-up run.
-pub fn model_only(
-    scorer: &mut Scorer,
-    batches: &[usize],
-    seq_lens: &[usize],
-    budget: Duration,
-) -> anyhow::Result<Vec<ShapeResult>> {
-    let mut out = Vec::new();
-    for &seq_len in seq_lens {
-        // A realistic id mix: [CLS] query [SEP] passage [SEP] with segment ids.
-        let q = seq_len / 4;
-        let ids: Vec<u32> = (0..seq_len)
-            .map(|i| match i {
-                0 => 101,
-                _ if i == q || i + 1 == seq_len => 102,
-                _ => 1000 + (i as u32 * 7919) % 20000,
-            })
-            .collect();
-        let type_ids: Vec<u32> = (0..seq_len).map(|i| u32::from(i > q)).collect();
-        let pair = EncodedPair {
-            ids,
-            type_ids,
-            truncated: false,
-        };
-        for &batch in batches {
-            let t = TensorBatch::from_pairs(std::iter::repeat_n(&pair, batch), 0);
-            scorer.score(&t)?;
-            let t0 = Instant::now();
-            let mut runs = 0;
-            while runs < 2 || t0.elapsed() < budget {
-                scorer.score(&t)?;
-                runs += 1;
-            }
-            let el = t0.elapsed().as_secs_f64();
-            out.push(ShapeResult {
-                batch,
-                seq_len,
-                runs,
-                pairs_per_s: (runs * batch) as f64 / el,
-                ms_per_batch: el * 1e3 / runs as f64,
-            });
-        }
-    }
-    Ok(out)
-}
-
-pub fn print_table(rows: &[ShapeResult]) {
-    println!(
-        "{:>6} {:>8} {:>6} {:>12} {:>12}",
-        "batch", "seq_len", "runs", "pairs/s", "ms/batch"
-    );
-    for r in rows {
-        println!(
-            "{:>6} {:>8} {:>6} {:>12.1} {:>12.1}",
-            r.batch, r.seq_len, r.runs, r.pairs_per_s, r.ms_per_batch
-        );
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct Parity {
-    pub rows: usize,
-    pub max_abs_diff: f64,
-    pub ids_mismatched: usize,
-    pub queries: usize,
-    pub orderings_differing: usize,
-}
-
-/// Compares against `reference.jsonl` rows `{query, passage, max_length, logit, input_ids?}`
-/// (computed with transformers on the same weights), scoring in padded, mixed-length batches.
-pub fn parity(scorer: &mut Scorer, model_dir: &Path, reference: &Path) -> anyhow::Result<Parity> {
-    let f =
-        std::fs::File::open(reference).with_context(|| format!("open {}", reference.display()))?;
-    let rows: Vec<serde_json::Value> = std::io::BufReader::new(f)
-        .lines()
-        .map(|l| Ok(serde_json::from_str(&l?)?))
-        .collect::<anyhow::Result<_>>()?;
-    let mut by_len: HashMap<usize, Vec<&serde_json::Value>> = HashMap::new();
-    for r in &rows {
-        let ml = r["max_length"].as_u64().unwrap_or(512) as usize;
-        by_len.entry(ml).or_default().push(r);
-    }
-    let mut max_abs_diff = 0.0f64;
-    let mut ids_mismatched = 0;
-    // (max_length, query) -> [(ours, reference)]
-    let mut per_query: HashMap<(usize, String), Vec<(f64, f64)>> = HashMap::new();
-    for (ml, group) in by_len {
-        let tok = PairTokenizer::from_file(&model_dir.join("tokenizer.json"), ml)?;
-        let enc: Vec<EncodedPair> = group
-            .iter()
-            .map(|r| {
-                tok.encode(
-                    r["query"].as_str().unwrap_or(""),
-                    r["passage"].as_str().unwrap_or(""),
-                )
-            })
-            .collect::<anyhow::Result<_>>()?;
-        for (r, e) in group.iter().zip(&enc) {
-            if let Some(want) = r["input_ids"].as_array() {
-                let want: Vec<u32> = want
-                    .iter()
-                    .filter_map(|v| v.as_u64().map(|x| x as u32))
-                    .collect();
-                ids_mismatched += usize::from(want != e.ids);
-            }
-        }
-        for (rs, es) in group.chunks(16).zip(enc.chunks(16)) {
-            let scores = scorer.score(&TensorBatch::from_pairs(es.iter(), tok.pad_id()))?;
-            for (r, s) in rs.iter().zip(scores) {
-                let want = r["logit"].as_f64().unwrap_or(f64::NAN);
-                let d = (s.logit as f64 - want).abs();
-                max_abs_diff = if d.is_nan() {
-                    f64::INFINITY
-                } else {
-                    max_abs_diff.max(d)
-                };
-                per_query
-                    .entry((ml, r["query"].as_str().unwrap_or("").to_string()))
-                    .or_default()
-                    .push((s.logit as f64, want));
-            }
-        }
-    }
-    let order = |v: &[f64]| {
-        let mut i: Vec<usize> = (0..v.len()).collect();
-        i.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
-        i
-    };
-    let orderings_differing = per_query
-        .values()
-        .filter(|v| {
-            let ours: Vec<f64> = v.iter().map(|p| p.0).collect();
-            let theirs: Vec<f64> = v.iter().map(|p| p.1).collect();
-            order(&ours) != order(&theirs)
-        })
-        .count();
-    Ok(Parity {
-        rows: rows.len(),
-        max_abs_diff,
-        ids_mismatched,
-        queries: per_query.len(),
-        orderings_differing,
-    })
-}
-
-/// `reranker check-model`: load, describe, parity, short throughput table. Fails (non-zero exit)
-/// when parity is off.
-pub fn check_model(cfg: &ModelConfig) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    let mut scorer = Scorer::load(
-        cfg,
-        &cfg.dir
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    )?;
-    let info = scorer.info().clone();
-    println!("model      {}", info.file.display());
-    println!("revision   {}", info.revision);
-    println!("inputs     {}", info.inputs.join(", "));
-    println!(
-        "outputs    {} ({} label(s), using column {})",
-        info.outputs.join(", "),
-        info.num_labels,
-        info.label_index
-    );
-    println!(
-        "segment ids {}",
-        if info.has_token_type_ids {
-            "fed (graph has token_type_ids)"
-        } else {
-            "not used (graph has no token_type_ids)"
-        }
-    );
-    println!("activation {}", info.activation);
-    println!("device     {}", info.device);
-    println!("loaded in  {:.2} s", t0.elapsed().as_secs_f64());
-    // The tokenizer too: a model directory is only usable when both load and agree.
-    let tok = PairTokenizer::from_file(&cfg.dir.join("tokenizer.json"), cfg.max_length)?;
-    let sample = tok.encode(
-        "what does a cross-encoder do?",
-        "A cross-encoder reads a query and a passage together and scores their relevance.",
-    )?;
-    let s = scorer.score(&TensorBatch::from_pairs(
-        std::iter::once(&sample),
-        tok.pad_id(),
-    ))?;
-    println!(
-        "tokenizer  loads; a sample pair is {} tokens, logit {:.3}",
-        sample.len(),
-        s[0].logit
-    );
-    let reference = cfg.dir.join("reference.jsonl");
-    let mut ok = true;
-    if reference.exists() {
-        let p = parity(&mut scorer, &cfg.dir, &reference)?;
-        ok = p.max_abs_diff <= 1e-4 && p.ids_mismatched == 0 && p.orderings_differing == 0;
-        println!(
-            "parity     {} rows, max |logit diff| {:.2e}, input_ids mismatches {}, orderings differing {}/{} → {}",
-            p.rows,
-            p.max_abs_diff,
-            p.ids_mismatched,
-            p.orderings_differing,
-            p.queries,
-            if ok { "OK" } else { "FAILED" }
-        );
-    } else {
-        println!("parity     no reference.jsonl beside the model; skipped");
-    }
-    println!(
-        "\nthroughput (bare session, {} intra-op threads):",
-        cfg.intra_op_threads
-    );
-    let rows = model_only(
-        &mut scorer,
-        &[1, 8, 32],
-        &[128.min(cfg.max_length)],
-        Duration::from_millis(1500),
-    )?;
-    print_table(&rows);
-    if !ok {
-        anyhow::bail!(
-            "parity check failed (tolerance 1e-4 on logits, exact input_ids and ordering)"
-        );
-    }
-    Ok(())
-}
 
 /// Options of the end-to-end benchmark.
 pub struct E2eOptions {
@@ -291,7 +49,7 @@ pub struct E2eReport {
     pub latency_ms: Percentiles,
     pub batches: u64,
     pub mean_batch_pairs: f64,
-    /// Padded tokens computed ÷ real tokens.
+    /// Fraction of the batches' token slots that are padding (as `reranker_batch_padding_ratio`).
     pub padding_ratio: f64,
     /// Mean wall time of one inference batch.
     pub mean_batch_inference_ms: f64,
@@ -341,6 +99,94 @@ fn rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// The broker and fresh topics of one run (a local tansu unless `--bench-brokers`); the broker
+/// lives as long as the returned value.
+async fn bench_broker(
+    cfg: &mut crate::config::Config,
+    opt: &E2eOptions,
+) -> anyhow::Result<Option<crate::broker::TansuBroker>> {
+    let broker = match &opt.brokers {
+        Some(b) => {
+            cfg.kafka.brokers = b.clone();
+            None
+        }
+        None => {
+            let b = crate::broker::TansuBroker::start()?;
+            cfg.kafka.brokers = b.bootstrap();
+            Some(b)
+        }
+    };
+    let run_id = format!("{}-{}", std::process::id(), crate::now_ms());
+    cfg.kafka.input_topic = format!("bench-in-{run_id}");
+    cfg.kafka.output_topic = format!("bench-out-{run_id}");
+    cfg.kafka.dlq_topic = format!("bench-dlq-{run_id}");
+    cfg.kafka.group_id = format!("bench-{run_id}");
+    // A benchmark must not collide with a worker already serving the default metrics port.
+    cfg.http.listen = "127.0.0.1:0".into();
+    crate::broker::create_topics(
+        &cfg.kafka.brokers,
+        &[
+            (&cfg.kafka.input_topic, opt.partitions),
+            (&cfg.kafka.output_topic, opt.partitions),
+            (&cfg.kafka.dlq_topic, 1),
+        ],
+    )
+    .await?;
+    Ok(broker)
+}
+
+/// Samples this process's resident set size every 100 ms; the peak so far is in the mutex.
+fn spawn_rss_sampler() -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<f64>>,
+) {
+    let peak_rss = std::sync::Arc::new(std::sync::Mutex::new(0f64));
+    let peak = peak_rss.clone();
+    let sampler = tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            t.tick().await;
+            if let Ok(mut p) = peak.lock() {
+                *p = p.max(rss_mb());
+            }
+        }
+    });
+    (sampler, peak_rss)
+}
+
+/// Produces the events, all at once (`rate` 0) or paced, recording each one's send time.
+fn spawn_producer(
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    events: Vec<serde_json::Value>,
+    rate: f64,
+    sent: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    use rdkafka::producer::FutureRecord;
+    tokio::spawn(async move {
+        let mut tick =
+            (rate > 0.0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
+        let mut pending = Vec::new();
+        for ev in events {
+            if let Some(t) = tick.as_mut() {
+                t.tick().await;
+            }
+            let id = ev["request_id"].as_str().unwrap_or_default().to_string();
+            let payload = serde_json::to_vec(&ev)?;
+            sent.lock()
+                .map_err(|_| anyhow::anyhow!("lock"))?
+                .insert(id.clone(), crate::now_ms());
+            let fut = producer.send_result(FutureRecord::to(&topic).key(&id).payload(&payload));
+            let fut = fut.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+            pending.push(fut);
+        }
+        for f in pending {
+            f.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        }
+        anyhow::Ok(())
+    })
+}
+
 /// Produces retrieval events to a broker, runs the worker in this process, reads every output,
 /// then scores the same pairs with the bare session: both figures come from one run on one machine.
 pub async fn end_to_end(
@@ -357,33 +203,7 @@ pub async fn end_to_end(
         .iter()
         .map(|e| e["candidates"].as_array().map_or(0, Vec::len))
         .sum();
-    let _broker = match &opt.brokers {
-        Some(b) => {
-            cfg.kafka.brokers = b.clone();
-            None
-        }
-        None => {
-            let b = crate::broker::TansuBroker::start()?;
-            cfg.kafka.brokers = b.bootstrap();
-            Some(b)
-        }
-    };
-    let run_id = format!("{}-{}", std::process::id(), crate::pipeline::now_ms());
-    cfg.kafka.input_topic = format!("bench-in-{run_id}");
-    cfg.kafka.output_topic = format!("bench-out-{run_id}");
-    cfg.kafka.dlq_topic = format!("bench-dlq-{run_id}");
-    cfg.kafka.group_id = format!("bench-{run_id}");
-    // A benchmark must not collide with a worker already serving the default metrics port.
-    cfg.http.listen = "127.0.0.1:0".into();
-    crate::broker::create_topics(
-        &cfg.kafka.brokers,
-        &[
-            (&cfg.kafka.input_topic, opt.partitions),
-            (&cfg.kafka.output_topic, opt.partitions),
-            (&cfg.kafka.dlq_topic, 1),
-        ],
-    )
-    .await?;
+    let _broker = bench_broker(&mut cfg, &opt).await?;
 
     // An overload run stops early: the bare session then scores what the worker got through.
     let bare_before = if opt.max_seconds.is_none() {
@@ -395,27 +215,13 @@ pub async fn end_to_end(
 
     eprintln!("loading and warming the model…");
     // The process's high-water mark would include the bare session: sample while the worker runs.
-    let peak_rss = std::sync::Arc::new(std::sync::Mutex::new(0f64));
-    let sampler = {
-        let peak = peak_rss.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                t.tick().await;
-                if let Ok(mut p) = peak.lock() {
-                    *p = p.max(rss_mb());
-                }
-            }
-        })
-    };
+    let (sampler, peak_rss) = spawn_rss_sampler();
     let c = cfg.clone();
-    let worker = tokio::task::spawn_blocking(move || crate::pipeline::Worker::load(c))
-        .await??
-        .stop_on_stall();
-    let stats = worker.stats.clone();
+    let worker = crate::worker::Worker::spawn_load(c).await?.stop_on_stall();
+    let recorder = worker.recorder.clone();
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", format!("bench-reader-{run_id}"))
+        .set("group.id", format!("{}-reader", cfg.kafka.group_id))
         .set("auto.offset.reset", "earliest")
         // The instrument must not add a long-poll of its own to the latency it measures.
         .set("fetch.wait.max.ms", "5")
@@ -448,42 +254,18 @@ pub async fn end_to_end(
         r = &mut worker_task => return Err(worker_ended(r)),
     }
     // Counted from here, so that the worker's counters describe only the measured events.
-    stats.reset();
+    let before = recorder.snapshot();
 
     // Produce (all at once, or paced) while recording each event's send time.
     let sent: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>> = Default::default();
     let t0 = Instant::now();
-    let producing = {
-        let (producer, sent, topic) = (
-            producer.clone(),
-            sent.clone(),
-            cfg.kafka.input_topic.clone(),
-        );
-        let rate = opt.rate;
-        let events = events.clone();
-        tokio::spawn(async move {
-            let mut tick =
-                (rate > 0.0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate)));
-            let mut pending = Vec::new();
-            for ev in events {
-                if let Some(t) = tick.as_mut() {
-                    t.tick().await;
-                }
-                let id = ev["request_id"].as_str().unwrap_or_default().to_string();
-                let payload = serde_json::to_vec(&ev)?;
-                sent.lock()
-                    .map_err(|_| anyhow::anyhow!("lock"))?
-                    .insert(id.clone(), crate::pipeline::now_ms());
-                let fut = producer.send_result(FutureRecord::to(&topic).key(&id).payload(&payload));
-                let fut = fut.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-                pending.push(fut);
-            }
-            for f in pending {
-                f.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-            }
-            anyhow::Ok(())
-        })
-    };
+    let producing = spawn_producer(
+        producer.clone(),
+        cfg.kafka.input_topic.clone(),
+        events.clone(),
+        opt.rate,
+        sent.clone(),
+    );
 
     let mut latencies = Vec::with_capacity(opt.events);
     let mut last = t0;
@@ -500,7 +282,7 @@ pub async fn end_to_end(
             },
             r = &mut worker_task => return Err(worker_ended(r)),
         };
-        let now = crate::pipeline::now_ms();
+        let now = crate::now_ms();
         last = Instant::now();
         anyhow::ensure!(
             msg.topic() == cfg.kafka.output_topic,
@@ -529,10 +311,8 @@ pub async fn end_to_end(
     worker_task.await??;
     sampler.abort();
     let peak_rss_mb = peak_rss.lock().map(|p| *p).unwrap_or(f64::NAN);
-    let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let (batches, scored) = (g(&stats.batches), g(&stats.pairs_scored));
-    let padding_ratio = g(&stats.padded_tokens) as f64 / g(&stats.real_tokens).max(1) as f64;
-    let mean_batch_inference_ms = g(&stats.inference_us) as f64 / 1e3 / batches.max(1) as f64;
+    let measured = recorder.snapshot().since(&before);
+    let mean_batch_inference_ms = measured.mean_batch_inference_ms();
 
     eprintln!("scoring the same pairs with a bare session again…");
     let bare_after = bare_pairs_per_s(&cfg, &events[..events_done.max(1).min(events.len())])?;
@@ -553,9 +333,9 @@ pub async fn end_to_end(
         e2e_pairs_per_s: e2e,
         e2e_events_per_s: e2e * opt.events as f64 / pairs_total.max(1) as f64,
         latency_ms: percentiles(latencies),
-        batches,
-        mean_batch_pairs: scored as f64 / batches.max(1) as f64,
-        padding_ratio,
+        batches: measured.batches,
+        mean_batch_pairs: measured.mean_batch_pairs(),
+        padding_ratio: measured.padding_ratio(),
         mean_batch_inference_ms,
         latency_bound_ms: cfg.batch.max_wait_ms as f64 + 2.0 * mean_batch_inference_ms,
         peak_rss_mb,
@@ -568,7 +348,7 @@ pub async fn end_to_end(
 
 /// The error of a worker that ended while the benchmark still waited for outputs.
 fn worker_ended(
-    r: Result<anyhow::Result<std::sync::Arc<crate::pipeline::Stats>>, tokio::task::JoinError>,
+    r: Result<anyhow::Result<crate::obs::recorder::Snapshot>, tokio::task::JoinError>,
 ) -> anyhow::Error {
     match r {
         Ok(Err(e)) => e.context("the worker stopped before the benchmark's events were reranked"),

@@ -151,7 +151,7 @@ impl Extractor for ReadHeaders<'_> {
 }
 
 /// Where an event came from, for its span's attributes.
-pub struct Source<'a> {
+pub struct InputRef<'a> {
     pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
@@ -161,7 +161,7 @@ pub struct Source<'a> {
 
 /// The event's span, a child of the trace context in `input_headers` (a new trace when there is
 /// none or it is malformed). Messaging semantic conventions for a Kafka "process" span.
-pub fn event_span(src: &Source<'_>, input_headers: &[(String, Vec<u8>)]) -> Span {
+pub fn event_span(src: &InputRef<'_>, input_headers: &[(String, Vec<u8>)]) -> Span {
     let parent = TraceContextPropagator::new().extract(&ReadHeaders(input_headers));
     let span = tracing::info_span!(
         target: SPAN_TARGET,

@@ -4,7 +4,7 @@
 //! - `/readyz`: 200 once the model is warmed up, partitions are assigned and a broker was seen
 //!   connected within `http.broker_timeout_ms`; otherwise 503 with a one-line reason. It turns
 //!   503 again when shutdown starts.
-//! - `/metrics`: Prometheus text exposition of [`crate::metrics::Metrics`].
+//! - `/metrics`: Prometheus text exposition of [`super::metrics::Metrics`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +18,8 @@ use axum::routing::get;
 use axum::Router;
 use tokio::sync::oneshot;
 
-use crate::metrics::{Health, Metrics};
+use super::health::Health;
+use super::metrics::Metrics;
 
 #[derive(Clone)]
 struct AppState {

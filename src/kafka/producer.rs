@@ -37,6 +37,14 @@ impl OutRecord {
     }
 }
 
+/// How a send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Acked,
+    /// The producer failed fatally and the record was not written: the worker is stopping.
+    Fatal,
+}
+
 #[derive(Clone)]
 pub struct Egress {
     producer: FutureProducer,
@@ -45,16 +53,16 @@ pub struct Egress {
 }
 
 pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers)
+    super::client_config(
+        k,
         // Retries inside librdkafka must not duplicate or reorder records.
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5");
-    for (key, v) in k.client.iter().chain(&k.producer) {
-        c.set(key, v);
-    }
-    c
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+        ],
+        &k.producer,
+    )
 }
 
 impl Egress {
@@ -68,14 +76,13 @@ impl Egress {
         })
     }
 
-    /// Sends until acknowledged, backing off between failed attempts. `false`: the producer failed
-    /// fatally and the record was not written.
-    pub async fn send(&self, rec: &OutRecord) -> bool {
+    /// Sends until acknowledged, backing off between failed attempts.
+    pub async fn send(&self, rec: &OutRecord) -> Delivery {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
             if self.fatal.load(Ordering::SeqCst) {
-                return false;
+                return Delivery::Fatal;
             }
             let mut fr = FutureRecord::<[u8], [u8]>::to(&rec.topic)
                 .payload(&rec.payload)
@@ -84,12 +91,12 @@ impl Egress {
                 fr = fr.key(k);
             }
             match self.producer.send(fr, Timeout::Never).await {
-                Ok(_) => return true,
+                Ok(_) => return Delivery::Acked,
                 Err((e, _)) => {
                     if let Some((code, reason)) = self.producer.client().fatal_error() {
                         tracing::error!(?code, %reason, "fatal producer error; stopping the worker");
                         self.fatal.store(true, Ordering::SeqCst);
-                        return false;
+                        return Delivery::Fatal;
                     }
                     attempt += 1;
                     tracing::warn!(topic = %rec.topic, attempt, error = %e, "produce failed; retrying");

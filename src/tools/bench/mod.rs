@@ -1,0 +1,7 @@
+//! Benchmarks: the bare session ([`model`]) and the whole pipeline ([`e2e`]).
+
+pub mod e2e;
+pub mod model;
+
+pub use e2e::{end_to_end, print_e2e, E2eOptions, E2eReport};
+pub use model::{check_model, model_only, print_table};

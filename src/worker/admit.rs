@@ -1,0 +1,596 @@
+//! The admission loop: consumes, decodes, tokenizes and admits events to the coordinator, rejects
+//! what cannot be scored as dead letters, pauses its partitions while too many pairs are in flight,
+//! seeks back after an aborted transaction, and ends replay ranges.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use super::coordinator::ToCoordinator;
+use super::finish::{Finished, Outcome, Routes, Sink};
+use super::inflight::InflightPairs;
+use crate::assemble::{CandidateMeta, EventMeta};
+use crate::config::Config;
+use crate::decode::{self, ErrorCode};
+use crate::dlq::DlqInput;
+use crate::kafka::consumer::{KafkaConsumer, RebalanceNote};
+use crate::kafka::txn::Rewind;
+use crate::obs::health::Health;
+use crate::obs::recorder::Recorder;
+use crate::obs::telemetry;
+use crate::offsets::{SharedTracker, Ticket, TopicPartition};
+use crate::tokenize::PairTokenizer;
+
+/// One input record, as admission sees it.
+pub struct InRecord<'a> {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    /// The headers `output.propagate_headers` copies to the output.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// W3C trace-context headers, whatever `output.propagate_headers` says.
+    pub trace: Vec<(String, Vec<u8>)>,
+}
+
+impl<'a> InRecord<'a> {
+    pub fn from_message(m: &'a BorrowedMessage<'_>, propagate: &[String]) -> Self {
+        let (mut headers, mut trace) = (Vec::new(), Vec::new());
+        for h in m.headers().iter().flat_map(|hs| hs.iter()) {
+            if propagate
+                .iter()
+                .any(|w| w == "*" || w.eq_ignore_ascii_case(h.key))
+            {
+                headers.push((
+                    h.key.to_string(),
+                    h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                ));
+            }
+            let is_trace = h.key.eq_ignore_ascii_case("traceparent")
+                || h.key.eq_ignore_ascii_case("tracestate");
+            if let (true, Some(v)) = (is_trace, h.value) {
+                trace.push((h.key.to_string(), v.to_vec()));
+            }
+        }
+        Self {
+            tp: TopicPartition {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+            },
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key(),
+            payload: m.payload(),
+            headers,
+            trace,
+        }
+    }
+}
+
+/// Decodes, tokenizes and admits one record at a time; knows nothing of the consumer.
+pub struct Admitter<S> {
+    pub cfg: Arc<Config>,
+    pub tokenizer: Arc<PairTokenizer>,
+    pub tracker: SharedTracker,
+    pub coord_tx: mpsc::UnboundedSender<ToCoordinator>,
+    pub sink: S,
+    pub routes: Arc<Routes>,
+    pub inflight: Arc<InflightPairs>,
+    pub recorder: Arc<Recorder>,
+    pub next_id: u64,
+}
+
+impl<S: Sink> Admitter<S> {
+    /// Admits the record to the coordinator, or dead-letters it. Returns nothing: either way its
+    /// offset completes once the output is acknowledged.
+    pub fn admit(&mut self, r: InRecord<'_>) {
+        let Some(ticket) = self.tracker.lock().register(&r.tp, r.offset) else {
+            return; // raced a revoke; the new owner consumes it
+        };
+        self.recorder.consumed();
+        let span = telemetry::event_span(
+            &telemetry::InputRef {
+                topic: &r.tp.topic,
+                partition: r.tp.partition,
+                offset: r.offset,
+                group: &self.cfg.kafka.group_id,
+                payload_bytes: r.payload.map_or(0, <[u8]>::len),
+            },
+            &r.trace,
+        );
+        let _entered = span.enter();
+        let ev = match decode::decode(r.payload, &self.cfg.limits, r.timestamp_ms, crate::now_ms())
+        {
+            Ok(ev) => ev,
+            Err(e) => return self.reject(&r, ticket, e.code, &e.message, &span),
+        };
+        span.record("reranker.request_id", ev.request_id.as_str());
+        span.record("reranker.candidates", ev.candidates.len() as i64);
+        let tokenize_start = Instant::now();
+        let mut pairs = Vec::with_capacity(ev.candidates.len());
+        let (mut truncated, mut chunked) = (0u32, 0u32);
+        for (i, c) in ev.candidates.iter().enumerate() {
+            match self.tokenizer.encode_candidate(&ev.query, &c.text) {
+                Ok(enc) => {
+                    truncated += enc.truncated as u32;
+                    chunked += enc.chunked as u32;
+                    pairs.extend(enc.pairs.into_iter().map(|p| (i as u32, p)));
+                }
+                Err(e) => {
+                    let msg = format!("candidate {:?}: {e}", c.id);
+                    return self.reject(&r, ticket, ErrorCode::TokenizationFailed, &msg, &span);
+                }
+            }
+        }
+        self.recorder.tokenized(tokenize_start.elapsed());
+        span.record("reranker.pairs", pairs.len() as i64);
+        let include_text = self.cfg.output.include_text;
+        let top_n = ev
+            .top_n
+            .map(|n| n as usize)
+            .unwrap_or(self.cfg.output.top_n)
+            .min(self.cfg.output.max_top_n);
+        let meta = EventMeta {
+            id: self.next_id,
+            ticket,
+            key: r.key.map(<[u8]>::to_vec),
+            headers: r.headers,
+            request_id: ev.request_id,
+            query: ev.query,
+            candidates: ev
+                .candidates
+                .into_iter()
+                .map(|c| CandidateMeta {
+                    id: c.id,
+                    text: include_text.then_some(c.text),
+                    retriever_score: c.retriever_score,
+                    metadata: c.metadata,
+                })
+                .collect(),
+            top_n,
+            min_score: ev.min_score,
+            received_at: Instant::now(),
+            record_ts_ms: r.timestamp_ms,
+            truncated,
+            chunked,
+            pairs: pairs.len(),
+            payload: r.payload.map(<[u8]>::to_vec).unwrap_or_default(),
+            trace: telemetry::span_context(&span),
+            span: span.clone(),
+        };
+        self.next_id += 1;
+        self.inflight.add(pairs.len());
+        let _ = self
+            .coord_tx
+            .send(ToCoordinator::Admit(Box::new(meta), pairs));
+    }
+
+    fn reject(
+        &self,
+        r: &InRecord<'_>,
+        ticket: Ticket,
+        code: ErrorCode,
+        message: &str,
+        span: &tracing::Span,
+    ) {
+        let d = DlqInput {
+            code,
+            message,
+            topic: &r.tp.topic,
+            partition: r.tp.partition,
+            offset: r.offset,
+            timestamp_ms: r.timestamp_ms,
+            key: r.key,
+            payload: r.payload,
+        };
+        let rec = self.routes.dead_letter(&d, r.headers.clone(), span);
+        self.sink.finish(Finished {
+            rec,
+            ticket,
+            pairs: 0,
+            outcome: Outcome::DeadLetter(code),
+            span: span.clone(),
+        });
+    }
+}
+
+/// Pause above `high` pairs in flight, resume at or below `low`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backpressure {
+    pub high: usize,
+    pub low: usize,
+    pub paused: bool,
+}
+
+impl Backpressure {
+    pub fn new(cfg: &Config) -> Self {
+        let high = cfg.flow.max_inflight_pairs;
+        Self {
+            high,
+            low: ((high as f64) * cfg.flow.resume_ratio) as usize,
+            paused: false,
+        }
+    }
+
+    /// The pause state to switch to, if it changes.
+    pub fn decide(&self, inflight: usize) -> Option<bool> {
+        match self.paused {
+            false if inflight >= self.high => Some(true),
+            true if inflight <= self.low => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// End offsets of a replay's partitions; empty for the consumer group.
+#[derive(Debug, Default)]
+pub struct Ranges {
+    /// End offset (exclusive) per partition.
+    ends: HashMap<TopicPartition, i64>,
+    /// Partitions not yet at their end.
+    open: HashSet<TopicPartition>,
+}
+
+/// What to do with a record of a range partition.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AtRange {
+    /// Admit it.
+    Admit,
+    /// Admit it, and it is the partition's last.
+    AdmitLast,
+    /// Past the end: drop it and close the partition.
+    Past,
+}
+
+impl Ranges {
+    pub fn new(ends: HashMap<TopicPartition, i64>) -> Self {
+        let open = ends.keys().cloned().collect();
+        Self { ends, open }
+    }
+
+    pub fn at(&self, tp: &TopicPartition, offset: i64) -> AtRange {
+        match self.ends.get(tp) {
+            Some(&end) if offset >= end => AtRange::Past,
+            Some(&end) if offset + 1 >= end => AtRange::AdmitLast,
+            _ => AtRange::Admit,
+        }
+    }
+
+    /// Marks the partition done; whether it was open.
+    pub fn close(&mut self, tp: &TopicPartition) -> bool {
+        self.open.remove(tp)
+    }
+
+    /// A replay whose every partition reached its end.
+    pub fn all_done(&self) -> bool {
+        !self.ends.is_empty() && self.open.is_empty()
+    }
+}
+
+/// Why the admission loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Shutdown,
+    /// Every range partition reached its end offset.
+    RangesDone,
+    /// The producer that writes the outputs cannot go on.
+    Fatal,
+    /// A partition stalled and the run was asked to stop on stalls.
+    Stalled,
+}
+
+pub struct AdmitLoop<S> {
+    pub admitter: Admitter<S>,
+    pub consumer: Arc<KafkaConsumer>,
+    pub health: Arc<Health>,
+    /// Bumped by the rebalance callback on every assignment.
+    pub assignments: Arc<AtomicU64>,
+    pub ranges: Ranges,
+    pub rewinds: mpsc::UnboundedReceiver<Rewind>,
+    pub fatal: Arc<AtomicBool>,
+    pub stop_on_stall: bool,
+}
+
+impl<S: Sink> AdmitLoop<S> {
+    pub async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+        let exit = self.consume(shutdown).await;
+        // Replays end here; the group keeps its partitions until the consumer is dropped.
+        if exit == Exit::RangesDone {
+            tracing::info!(
+                events = self.admitter.recorder.snapshot().events_in,
+                "every partition reached its end offset"
+            );
+        }
+        exit
+    }
+
+    async fn consume(&mut self, shutdown: &mut watch::Receiver<bool>) -> Exit {
+        if self.ranges.all_done() {
+            return Exit::RangesDone;
+        }
+        let mut bp = Backpressure::new(&self.admitter.cfg);
+        let mut seen_epoch = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let consumer = self.consumer.clone();
+        let mut fatal_tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            if *shutdown.borrow() {
+                return Exit::Shutdown;
+            }
+            if self.fatal.load(Ordering::SeqCst) {
+                return Exit::Fatal;
+            }
+            if self.stop_on_stall && !self.health.stalled().is_empty() {
+                return Exit::Stalled;
+            }
+            if self.ranges.all_done() {
+                return Exit::RangesDone;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Exit::Shutdown,
+                Some(r) = self.rewinds.recv() => self.rewind(r),
+                _ = tick.tick(), if bp.paused => {}
+                _ = fatal_tick.tick() => {}
+                msg = consumer.recv() => match msg {
+                    Ok(m) => self.handle(&m),
+                    Err(rdkafka::error::KafkaError::PartitionEOF(p)) => self.close_range(p),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consume error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+            let epoch = self.assignments.load(Ordering::SeqCst);
+            if epoch != seen_epoch {
+                // librdkafka keeps an application pause on a partition through revoke and
+                // re-assign, and a resume only reaches the partitions owned at that moment: a
+                // partition paused, revoked and given back later would stay paused forever.
+                // State the current pause state for every new assignment.
+                seen_epoch = epoch;
+                if let Err(e) = self.pause_assignment(bp.paused) {
+                    tracing::warn!(error = %e, pause = bp.paused, "cannot set the pause state of new partitions");
+                }
+            }
+            if let Some(pause) = bp.decide(self.admitter.inflight.get()) {
+                self.set_paused(pause);
+                bp.paused = pause;
+            }
+        }
+    }
+
+    fn handle(&mut self, m: &BorrowedMessage<'_>) {
+        let r = InRecord::from_message(m, &self.admitter.cfg.output.propagate_headers);
+        match self.ranges.at(&r.tp, r.offset) {
+            AtRange::Past => return self.close_range(r.tp.partition),
+            AtRange::AdmitLast => self.close_range(r.tp.partition),
+            AtRange::Admit => {}
+        }
+        self.admitter.admit(r);
+    }
+
+    /// After an aborted transaction: seek every rewound partition back to its last committed
+    /// offset and drop the queued work the abort abandoned.
+    fn rewind(&mut self, Rewind(points): Rewind) {
+        let tps: Vec<TopicPartition> = points.iter().map(|(tp, _)| tp.clone()).collect();
+        let _ = self
+            .admitter
+            .coord_tx
+            .send(ToCoordinator::Rebalance(RebalanceNote::Revoked(tps)));
+        for (tp, offset) in points {
+            // A seek waits for the fetcher; it is short, but not for a runtime thread to idle in.
+            let res = tokio::task::block_in_place(|| {
+                self.consumer.seek(
+                    &tp.topic,
+                    tp.partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(10),
+                )
+            });
+            match res {
+                Ok(()) => {
+                    self.admitter.tracker.lock().rewound(&tp);
+                    tracing::info!(
+                        partition = tp.partition,
+                        offset,
+                        "rewound to the last commit"
+                    );
+                }
+                // Still marked rewinding: nothing of it is admitted, the next rebalance or
+                // restart resumes it from the committed offset.
+                Err(e) => {
+                    tracing::error!(partition = tp.partition, offset, error = %e, "cannot seek back after an abort")
+                }
+            }
+        }
+    }
+
+    /// A range partition reached its end: stop fetching it.
+    fn close_range(&mut self, partition: i32) {
+        let tp = TopicPartition {
+            topic: self.admitter.cfg.kafka.input_topic.clone(),
+            partition,
+        };
+        if self.ranges.close(&tp) {
+            tracing::debug!(partition, "range done");
+        }
+        self.health.set_partition_done(tp.clone());
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        let _ = self.consumer.pause(&tpl);
+    }
+
+    /// Pauses or resumes the whole current assignment; how many partitions that was.
+    fn pause_assignment(&self, pause: bool) -> rdkafka::error::KafkaResult<usize> {
+        let assignment = self.consumer.assignment()?;
+        if pause {
+            self.consumer.pause(&assignment)?;
+        } else {
+            self.consumer.resume(&assignment)?;
+        }
+        Ok(assignment.count())
+    }
+
+    /// Backpressure switches the pause state.
+    fn set_paused(&self, pause: bool) {
+        let inflight = self.admitter.inflight.get();
+        self.admitter.recorder.paused(pause);
+        match self.pause_assignment(pause) {
+            Ok(partitions) => {
+                self.health.set_paused(pause);
+                tracing::info!(
+                    inflight_pairs = inflight,
+                    partitions,
+                    "{}",
+                    if pause {
+                        "backpressure: partitions paused"
+                    } else {
+                        "backpressure: partitions resumed"
+                    }
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, pause, "cannot change pause state"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::testing::{self, Collect};
+
+    #[test]
+    fn backpressure_pauses_at_high_and_resumes_at_low() {
+        let mut bp = Backpressure {
+            high: 100,
+            low: 50,
+            paused: false,
+        };
+        assert_eq!(bp.decide(99), None);
+        assert_eq!(bp.decide(100), Some(true));
+        bp.paused = true;
+        assert_eq!(bp.decide(100), None);
+        assert_eq!(bp.decide(51), None);
+        assert_eq!(bp.decide(50), Some(false));
+    }
+
+    #[test]
+    fn ranges_admit_up_to_their_end_and_close_there() {
+        let tp = |partition| TopicPartition {
+            topic: "in".into(),
+            partition,
+        };
+        let mut r = Ranges::new(HashMap::from([(tp(0), 10), (tp(1), 5)]));
+        assert_eq!(r.at(&tp(0), 8), AtRange::Admit);
+        assert_eq!(r.at(&tp(0), 9), AtRange::AdmitLast);
+        assert_eq!(r.at(&tp(0), 10), AtRange::Past);
+        assert_eq!(r.at(&tp(2), 99), AtRange::Admit);
+        assert!(r.close(&tp(0)));
+        assert!(!r.close(&tp(0)));
+        assert!(!r.all_done());
+        r.close(&tp(1));
+        assert!(r.all_done());
+        assert!(
+            !Ranges::default().all_done(),
+            "the group never ends by itself"
+        );
+    }
+
+    /// The real tokenizer (`RERANKER_MODEL__DIR`, else ../shared/models); `None` skips the test.
+    fn tokenizer() -> Option<PairTokenizer> {
+        let dir = std::env::var_os("RERANKER_MODEL__DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../shared/models/minilm-l6-ce")
+            });
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            eprintln!("skipped: no tokenizer at {}", path.display());
+            return None;
+        }
+        Some(PairTokenizer::from_file(&path, 128).unwrap())
+    }
+
+    fn admitter(
+        tok: PairTokenizer,
+    ) -> (
+        Admitter<Collect>,
+        mpsc::UnboundedReceiver<ToCoordinator>,
+        Collect,
+    ) {
+        let (coord_tx, coord_rx) = mpsc::unbounded_channel();
+        let sink = Collect::default();
+        let tracker = SharedTracker::default();
+        tracker.lock().assign(TopicPartition {
+            topic: "in".into(),
+            partition: 0,
+        });
+        let a = Admitter {
+            cfg: Arc::new(Config::default()),
+            tokenizer: Arc::new(tok),
+            tracker,
+            coord_tx,
+            sink: sink.clone(),
+            routes: testing::routes(),
+            inflight: Arc::new(InflightPairs::default()),
+            recorder: testing::recorder(),
+            next_id: 0,
+        };
+        (a, coord_rx, sink)
+    }
+
+    fn record(partition: i32, offset: i64, payload: &[u8]) -> InRecord<'_> {
+        InRecord {
+            tp: TopicPartition {
+                topic: "in".into(),
+                partition,
+            },
+            offset,
+            timestamp_ms: None,
+            key: Some(b"k"),
+            payload: Some(payload),
+            headers: Vec::new(),
+            trace: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn admits_valid_events_rejects_bad_ones_and_skips_revoked_partitions() {
+        let Some(tok) = tokenizer() else { return };
+        let (mut a, mut coord_rx, sink) = admitter(tok);
+        let good = br#"{"schema_version":1,"request_id":"r1","query":"what is rust","candidates":[{"id":"a","text":"a language"},{"id":"b","text":"a fungus"}]}"#;
+        a.admit(record(0, 0, good));
+        match coord_rx.try_recv() {
+            Ok(ToCoordinator::Admit(meta, pairs)) => {
+                assert_eq!((meta.request_id.as_str(), pairs.len()), ("r1", 2));
+                assert_eq!(meta.ticket.offset, 0);
+            }
+            _ => panic!("the valid event was not admitted"),
+        }
+        assert_eq!(a.inflight.get(), 2);
+
+        a.admit(record(0, 1, b"{not json"));
+        assert!(coord_rx.try_recv().is_err(), "a bad event is not admitted");
+        {
+            let done = sink.0.lock().unwrap();
+            assert_eq!(done.len(), 1);
+            assert_eq!(done[0].rec.topic, "dlq");
+            assert_eq!(done[0].outcome, Outcome::DeadLetter(ErrorCode::InvalidJson));
+            assert_eq!(done[0].pairs, 0);
+        }
+
+        // Partition 1 is not (or no longer) assigned: its record belongs to another owner.
+        a.admit(record(1, 0, good));
+        assert!(coord_rx.try_recv().is_err());
+        assert_eq!(sink.0.lock().unwrap().len(), 1);
+        assert_eq!(a.recorder.snapshot().events_in, 2);
+    }
+}
