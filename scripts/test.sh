@@ -10,6 +10,15 @@ eval "$(bash scripts/setup.sh --with-broker --with-python --with-prometheus --wi
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
 cargo build --release --locked --bins
 
+# Every other integration test trusts the local broker's offsets and watermarks: check them first
+# and stop here, with the broker's failures named, when they are wrong.
+if [ $# -eq 0 ]; then
+  cargo test --release --locked --test broker || {
+    echo "test.sh: the local broker fails the conformance checks (tests/broker.rs); not running the rest" >&2
+    exit 1
+  }
+fi
+
 # The decoder reads bytes from anyone: fuzz it for a bounded time (FUZZ_SECONDS=0 skips). Before
 # the tests, so that cargo test's summary stays the last thing printed. cargo-fuzz passes `-Z`
 # flags and only the stable toolchain exists here, hence RUSTC_BOOTSTRAP.
@@ -36,15 +45,6 @@ if [ "${SETUP_TESTS:-1}" != 0 ]; then
   bash scripts/setup.sh --with-helm --print-env >/dev/null   # pytest
   RERANKER_BIN="$PWD/target/release/reranker" PYTHONDONTWRITEBYTECODE=1 \
     python3 -m pytest -q -p no:cacheprovider tests/setup
-fi
-
-# Every other integration test trusts the local broker's offsets and watermarks: check them first
-# and stop here, with the broker's failures named, when they are wrong.
-if [ $# -eq 0 ]; then
-  cargo test --release --locked --test broker || {
-    echo "test.sh: the local broker fails the conformance checks (tests/broker.rs); not running the rest" >&2
-    exit 1
-  }
 fi
 
 # --no-fail-fast: one failing test binary must not hide the results of the others.
