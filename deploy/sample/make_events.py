@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SCIFACT = os.path.join(ROOT, "..", "shared", "data", "scifact", "retrieval-top100.jsonl.gz")
 
-# Same as src/demo.rs jim_carrey_event(): a keyword retriever ranks the wrong film first.
+# Same as src/tools/demo.rs jim_carrey_event(): a keyword retriever ranks the wrong film first.
 JIM_CARREY = {
     "schema_version": 1,
     "request_id": "demo-jim-carrey",

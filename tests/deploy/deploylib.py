@@ -45,8 +45,8 @@ def drain_ms(cfg: dict) -> int:
 
 
 def http_routes() -> set[str]:
-    """Paths the worker serves, read from src/http.rs's router."""
-    src = (ROOT / "src" / "http.rs").read_text()
+    """Paths the worker serves, read from src/obs/http.rs's router."""
+    src = (ROOT / "src" / "obs" / "http.rs").read_text()
     routes = set(re.findall(r'\.route\("([^"]+)"', src))
     assert {"/healthz", "/readyz", "/metrics"} <= routes, routes
     return routes
