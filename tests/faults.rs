@@ -66,29 +66,12 @@ fn five_sigkills_during_a_20k_event_run_lose_nothing() {
                 worker.kill();
                 kills += 1;
                 eprintln!("SIGKILL #{kills} at {seen} outputs, {:.0?}", t0.elapsed());
-                worker = WorkerProc::spawn(&b.bootstrap, &b.topics, &args);
+                worker = WorkerProc::spawn_sole_member(&b.bootstrap, &b.topics, &args);
             }
         },
     );
     assert_eq!(kills, 5, "the run ended before five kills");
     assert_nothing_lost(&ids, n);
-}
-
-/// Waits until `w` logs an assignment that includes at least one partition.
-fn wait_assigned(w: &WorkerProc, timeout: Duration) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        let took = w.logged("partitions assigned").iter().any(|l| {
-            l["partitions"]
-                .as_str()
-                .is_some_and(|p| p.chars().any(|c| c.is_ascii_digit()))
-        });
-        if took {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 /// Scale-out and scale-in happen at events, not at output counts: the added workers are
@@ -109,7 +92,7 @@ fn scaling_from_one_to_three_workers_and_back_loses_nothing() {
     let args = fast_args();
     let first = WorkerProc::spawn(&b.bootstrap, &b.topics, &args);
     assert!(
-        wait_assigned(&first, Duration::from_secs(180)),
+        first.wait_partitions(Duration::from_secs(180)),
         "first worker never assigned\n{}",
         first.log_text()
     );
@@ -127,7 +110,7 @@ fn scaling_from_one_to_three_workers_and_back_loses_nothing() {
         .collect();
     for w in &extra {
         assert!(
-            wait_assigned(w, Duration::from_secs(180)),
+            w.wait_partitions(Duration::from_secs(180)),
             "an added worker was never assigned partitions\n{}",
             w.log_text()
         );

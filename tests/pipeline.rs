@@ -264,7 +264,7 @@ fn restart_after_sigkill_loses_nothing() {
         first.log_text()
     );
     first.kill();
-    let _second = WorkerProc::spawn(&bs, &t, &args);
+    let _second = WorkerProc::spawn_sole_member(&bs, &t, &args);
     let recs = collect(&bs, &[&t.output], Duration::from_secs(600), |r| {
         distinct_request_ids(r, &t.output).len() >= events.len()
     });

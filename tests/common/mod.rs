@@ -207,6 +207,53 @@ impl WorkerProc {
     }
 }
 
+impl WorkerProc {
+    /// True once the worker logs an assignment with at least one partition (an eager rebalance
+    /// logs `[]` when a member gets nothing).
+    pub fn wait_partitions(&self, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            let took = self.logged("partitions assigned").iter().any(|l| {
+                l["partitions"]
+                    .as_str()
+                    .is_some_and(|p| p.chars().any(|c| c.is_ascii_digit()))
+            });
+            if took {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Starts a worker that must end up owning partitions as the group's only live member, right
+    /// after another member was SIGKILLed. tansu 0.6's group coordinator (measured on its sqlite
+    /// engine) can hand the newcomer an empty assignment while the killed member is still listed
+    /// as leader, and then never starts a new generation once that member's session expires: the
+    /// newcomer heartbeats, owns nothing, and the backlog waits forever. A real Kafka coordinator
+    /// rebalances on session expiry. Until tansu does, a newcomer left without partitions for
+    /// 45 s is killed and started again (at most 3 times); the count is printed, so a run shows
+    /// how often the broker needed it. Nothing is lost either way: the offsets are the group's.
+    pub fn spawn_sole_member(bootstrap: &str, t: &Topics, extra: &[String]) -> Self {
+        for attempt in 0..=3 {
+            let mut w = Self::spawn(bootstrap, t, extra);
+            if w.wait_partitions(Duration::from_secs(45)) {
+                if attempt > 0 {
+                    eprintln!(
+                        "tansu: the restarted worker got partitions after {attempt} re-joins"
+                    );
+                }
+                return w;
+            }
+            eprintln!(
+                "tansu: the restarted worker was left without partitions (attempt {attempt}); re-joining"
+            );
+            w.kill();
+        }
+        panic!("a restarted worker never got partitions from tansu's group coordinator");
+    }
+}
+
 impl Drop for WorkerProc {
     fn drop(&mut self) {
         self.kill();
