@@ -108,12 +108,9 @@ pub fn worker_cmd(
         .args(["--set", &format!("kafka.output_topic=\"{}\"", t.output)])
         .args(["--set", &format!("kafka.dlq_topic=\"{}\"", t.dlq)])
         .args(["--set", "log.format=\"json\""])
-        // Fast failover for restart tests; tansu honours the group session timeout. Not faster:
-        // each heartbeat is a write of the group's state to tansu's sqlite file, and on a busy
-        // 2-core machine heartbeats answered after more than 6 s made members time out and
-        // rebalance over and over.
-        .args(["--set", "kafka.consumer.\"session.timeout.ms\"=\"10000\""])
-        .args(["--set", "kafka.consumer.\"heartbeat.interval.ms\"=\"1000\""])
+        // Fast failover for restart tests; tansu honours the group session timeout.
+        .args(["--set", "kafka.consumer.\"session.timeout.ms\"=\"6000\""])
+        .args(["--set", "kafka.consumer.\"heartbeat.interval.ms\"=\"500\""])
         // Several workers run at once in some tests: a free port each unless a test names one.
         .args(["--set", "http.listen=\"127.0.0.1:0\""]);
     for e in extra {
