@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::batch::PairKey;
+use crate::config::Label;
 use crate::model::Score;
 use crate::offsets::Ticket;
 
@@ -26,6 +27,8 @@ pub struct EventMeta {
     pub candidates: Vec<CandidateMeta>,
     pub top_n: usize,
     pub min_score: Option<f64>,
+    /// The event's `min_relevance`, else `output.min_relevance`.
+    pub min_relevance: Option<f64>,
     pub received_at: Instant,
     pub record_ts_ms: Option<i64>,
     pub truncated: u32,
@@ -44,7 +47,7 @@ pub struct EventMeta {
 #[derive(Debug)]
 pub struct CandidateMeta {
     pub id: String,
-    /// Kept only when `output.include_text` is on.
+    /// The scored text, kept only when the event's `return_text` (else `output.include_text`) asks.
     pub text: Option<String>,
     pub retriever_score: Option<f64>,
     pub metadata: Option<Box<RawValue>>,
@@ -85,6 +88,9 @@ pub struct RankedResult<'a> {
     pub score: f32,
     /// Normalised relevance in 0..1 (see `model.activation`).
     pub relevance: f32,
+    /// The `output.labels` entry the relevance falls in; absent when none are configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retriever_score: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -234,10 +240,18 @@ impl Assembler {
     }
 }
 
-/// Indices of candidates, best first, after `min_score` and `top_n`.
-pub fn rank(scores: &[Score], top_n: usize, min_score: Option<f64>) -> Vec<usize> {
+/// Indices of candidates, best first, after `min_score`, `min_relevance` and `top_n`. Relevance
+/// thresholds are compared in f32, the precision `relevance` is computed and written in, so a
+/// result written as 0.7 passes a threshold of 0.7.
+pub fn rank(
+    scores: &[Score],
+    top_n: usize,
+    min_score: Option<f64>,
+    min_relevance: Option<f64>,
+) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len())
         .filter(|&i| min_score.is_none_or(|m| scores[i].logit as f64 >= m))
+        .filter(|&i| min_relevance.is_none_or(|m| scores[i].relevance >= m as f32))
         .collect();
     // Ties keep the retriever's order, so equal scores rank deterministically.
     order.sort_by(|&a, &b| scores[b].logit.total_cmp(&scores[a].logit).then(a.cmp(&b)));
@@ -245,10 +259,20 @@ pub fn rank(scores: &[Score], top_n: usize, min_score: Option<f64>) -> Vec<usize
     order
 }
 
-/// Renders the output record.
-pub fn render(c: &Completed, model: &ModelRef, now_ms: i64) -> Vec<u8> {
+/// The label of a relevance: the last whose threshold it reaches (labels are validated to be
+/// increasing; compared in f32 like `rank`); none for an unscored (NaN) candidate.
+pub fn label(labels: &[Label], relevance: f32) -> Option<&str> {
+    labels
+        .iter()
+        .rev()
+        .find(|l| relevance >= l.min_relevance as f32)
+        .map(|l| l.name.as_str())
+}
+
+/// Renders the output record; `labels` is `output.labels`.
+pub fn render(c: &Completed, model: &ModelRef, labels: &[Label], now_ms: i64) -> Vec<u8> {
     let m = &c.meta;
-    let results = rank(&c.scores, m.top_n, m.min_score)
+    let results = rank(&c.scores, m.top_n, m.min_score, m.min_relevance)
         .into_iter()
         .enumerate()
         .map(|(r, i)| {
@@ -259,6 +283,7 @@ pub fn render(c: &Completed, model: &ModelRef, now_ms: i64) -> Vec<u8> {
                 original_rank: i + 1,
                 score: c.scores[i].logit,
                 relevance: c.scores[i].relevance,
+                label: label(labels, c.scores[i].relevance),
                 retriever_score: cand.retriever_score,
                 metadata: cand.metadata.as_deref(),
                 text: cand.text.as_deref(),
@@ -303,11 +328,31 @@ mod tests {
     fn rank_sorts_filters_and_truncates() {
         let scores = [s(0.1), s(2.0), s(-1.0), s(2.0), s(0.5)];
         assert_eq!(
-            rank(&scores, 10, None),
+            rank(&scores, 10, None, None),
             vec![1, 3, 4, 0, 2],
             "ties keep input order"
         );
-        assert_eq!(rank(&scores, 2, None), vec![1, 3]);
-        assert_eq!(rank(&scores, 10, Some(0.2)), vec![1, 3, 4]);
+        assert_eq!(rank(&scores, 2, None, None), vec![1, 3]);
+        assert_eq!(rank(&scores, 10, Some(0.2), None), vec![1, 3, 4]);
+        // sigmoid(0.4) ~ 0.599: both thresholds apply when both are set.
+        assert_eq!(rank(&scores, 10, None, Some(0.599)), vec![1, 3, 4]);
+        assert_eq!(rank(&scores, 10, Some(1.0), Some(0.5)), vec![1, 3]);
+        assert!(rank(&scores, 10, Some(0.0), Some(0.9)).is_empty());
+    }
+
+    #[test]
+    fn labels_follow_their_thresholds() {
+        let l = |name: &str, min_relevance| Label {
+            name: name.into(),
+            min_relevance,
+        };
+        let labels = [l("unlikely", 0.0), l("likely", 0.3), l("very likely", 0.7)];
+        assert_eq!(label(&labels, 0.0), Some("unlikely"));
+        assert_eq!(label(&labels, 0.299), Some("unlikely"));
+        assert_eq!(label(&labels, 0.3), Some("likely"));
+        assert_eq!(label(&labels, 0.7), Some("very likely"));
+        assert_eq!(label(&labels, 1.0), Some("very likely"));
+        assert_eq!(label(&labels, f32::NAN), None);
+        assert_eq!(label(&[], 0.5), None);
     }
 }

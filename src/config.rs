@@ -11,6 +11,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::template::{MissingField, Template};
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -18,6 +20,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
+    pub input: InputConfig,
     pub flow: FlowConfig,
     pub output: OutputConfig,
     pub shutdown: ShutdownConfig,
@@ -120,6 +123,41 @@ pub struct LimitsConfig {
     pub max_event_bytes: usize,
 }
 
+/// How input events are read (`schemas/retrieval-result.v1.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// Dead-letter events with fields this worker does not know (`schema_violation`). Off: such
+    /// fields are ignored and counted, so producers can add fields before the worker knows them.
+    pub strict: bool,
+    /// Builds the scored text of each candidate from its fields, e.g. "{title}\n{text}"
+    /// (`{{` / `}}` for literal braces). Unset: the candidate's `text`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_template: Option<Template>,
+    /// A candidate without a field the template names (or with it null): "empty" puts an empty
+    /// string in its place, "dead_letter" rejects the event (`missing_template_field`).
+    pub missing_template_field: MissingField,
+}
+
+impl InputConfig {
+    pub fn rules(&self) -> crate::decode::Rules<'_> {
+        crate::decode::Rules {
+            strict: self.strict,
+            template: self.text_template.as_ref(),
+            missing: self.missing_template_field,
+        }
+    }
+}
+
+/// One likelihood label: results with `relevance` at or above `min_relevance` (and below the
+/// next label's) get `name`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Label {
+    pub name: String,
+    pub min_relevance: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowConfig {
@@ -137,8 +175,14 @@ pub struct OutputConfig {
     /// Default number of results per event; an event's own `top_n` may lower or raise it up to `max_top_n`.
     pub top_n: usize,
     pub max_top_n: usize,
-    /// Copy passage texts into the output (off by default: downstream usually has them).
+    /// Copy passage texts into the output (off by default: downstream usually has them). An
+    /// event's `return_text` overrides it.
     pub include_text: bool,
+    /// Drop results whose `relevance` is below this (0..1); an event's `min_relevance` wins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_relevance: Option<f64>,
+    /// Likelihood labels by relevance, lowest first, the first at 0; empty: no `label` field.
+    pub labels: Vec<Label>,
     /// Input headers copied onto the output and dead-letter records.
     pub propagate_headers: Vec<String>,
 }
@@ -313,6 +357,8 @@ impl Default for OutputConfig {
             top_n: 10,
             max_top_n: 1000,
             include_text: false,
+            min_relevance: None,
+            labels: Vec::new(),
             propagate_headers: vec!["traceparent".into(), "tracestate".into(), "baggage".into()],
         }
     }
@@ -505,6 +551,41 @@ impl Config {
         }
         if self.output.top_n == 0 || self.output.top_n > self.output.max_top_n {
             return bad("output.top_n", "must be between 1 and output.max_top_n");
+        }
+        if let Some(m) = self.output.min_relevance {
+            if !(0.0..=1.0).contains(&m) {
+                return bad("output.min_relevance", "must be between 0 and 1");
+            }
+        }
+        let labels = &self.output.labels;
+        if labels.first().is_some_and(|l| l.min_relevance != 0.0) {
+            return bad(
+                "output.labels",
+                "the first label must have min_relevance = 0, so every result gets a label",
+            );
+        }
+        for (i, l) in labels.iter().enumerate() {
+            if l.name.trim().is_empty() {
+                return bad("output.labels", format!("label {i} has an empty name"));
+            }
+            if !(0.0..=1.0).contains(&l.min_relevance) {
+                return bad(
+                    "output.labels",
+                    format!("{:?}: min_relevance must be between 0 and 1", l.name),
+                );
+            }
+            if labels[..i].iter().any(|p| p.name == l.name) {
+                return bad("output.labels", format!("{:?} appears twice", l.name));
+            }
+            if i > 0 && l.min_relevance <= labels[i - 1].min_relevance {
+                return bad(
+                    "output.labels",
+                    format!(
+                        "{:?}: min_relevance must increase from one label to the next",
+                        l.name
+                    ),
+                );
+            }
         }
         for (k, _) in self.kafka.client.iter().chain(&self.kafka.consumer) {
             if matches!(

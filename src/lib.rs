@@ -1,8 +1,9 @@
 //! Streaming cross-encoder reranker: Kafka in, ONNX Runtime in the middle, Kafka out.
 //!
 //! The modules follow the data flow (see ARCHITECTURE.md): [`kafka::consumer`] →
-//! [`worker::admit`] ([`decode`], [`tokenize`]) → [`batch`] → [`model`] → [`assemble`] →
-//! [`worker::finish`] ([`dlq`]) → [`kafka::producer`] | [`kafka::txn`] → [`offsets`];
+//! [`worker::admit`] ([`decode`] with [`template`], [`tokenize`]) → [`batch`] → [`model`] →
+//! [`assemble`] → [`worker::finish`] ([`dlq`]) → [`kafka::producer`] | [`kafka::txn`] →
+//! [`offsets`];
 //! [`worker`] wires them, [`obs`] observes them, [`tools`] are the commands around them.
 
 pub mod assemble;
@@ -16,6 +17,7 @@ pub mod obs;
 pub mod offsets;
 pub mod replay;
 pub mod stall;
+pub mod template;
 pub mod tokenize;
 pub mod tools;
 pub mod worker;

@@ -156,6 +156,47 @@ fn errors_name_the_offending_key() {
             "otel.endpoint",
         ),
         ("[otel]\nprotocol = \"grpc\"\n".into(), "otel.protocol"),
+        (
+            "[input]\ntext_template = \"{title\"\n".into(),
+            "input.text_template",
+        ),
+        (
+            "[input]\ntext_template = \"{metadata}\"\n".into(),
+            "input.text_template",
+        ),
+        (
+            "[input]\ntext_template = \"plain\"\n".into(),
+            "input.text_template",
+        ),
+        (
+            "[input]\nmissing_template_field = \"skip\"\n".into(),
+            "input.missing_template_field",
+        ),
+        ("[input]\nstrict = \"yes\"\n".into(), "input.strict"),
+        (
+            "[output]\nmin_relevance = 1.5\n".into(),
+            "output.min_relevance",
+        ),
+        (
+            "[[output.labels]]\nname = \"likely\"\nmin_relevance = 0.3\n".into(),
+            "output.labels",
+        ),
+        (
+            "[[output.labels]]\nname = \"a\"\nmin_relevance = 0.0\n[[output.labels]]\nname = \"b\"\nmin_relevance = 0.0\n".into(),
+            "output.labels",
+        ),
+        (
+            "[[output.labels]]\nname = \"a\"\nmin_relevance = 0.0\n[[output.labels]]\nname = \"b\"\nmin_relevance = 1.2\n".into(),
+            "output.labels",
+        ),
+        (
+            "[[output.labels]]\nname = \"a\"\nmin_relevance = 0.0\n[[output.labels]]\nname = \"a\"\nmin_relevance = 0.5\n".into(),
+            "output.labels",
+        ),
+        (
+            "[[output.labels]]\nname = \" \"\nmin_relevance = 0.0\n".into(),
+            "output.labels",
+        ),
     ];
     for (body, key) in cases {
         let file = write(&dir, &body);
@@ -191,4 +232,66 @@ fn the_shipped_config_file_is_valid() {
         get(&t, "kafka.statistics_interval_ms").as_integer(),
         Some(5000)
     );
+}
+
+#[test]
+fn input_and_output_contract_keys() {
+    let defaults = effective(&["config"], &[]);
+    assert_eq!(get(&defaults, "input.strict").as_bool(), Some(false));
+    assert_eq!(
+        get(&defaults, "input.missing_template_field").as_str(),
+        Some("empty")
+    );
+    assert!(defaults["input"].get("text_template").is_none());
+    assert!(defaults["output"].get("min_relevance").is_none());
+    assert_eq!(
+        get(&defaults, "output.labels").as_array().map(Vec::len),
+        Some(0)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        r#"
+[input]
+strict = true
+text_template = "{title}\n{text} {{literal}}"
+missing_template_field = "dead_letter"
+
+[output]
+min_relevance = 0.25
+
+[[output.labels]]
+name = "unlikely"
+min_relevance = 0.0
+
+[[output.labels]]
+name = "likely"
+min_relevance = 0.3
+
+[[output.labels]]
+name = "very likely"
+min_relevance = 0.7
+"#,
+    );
+    let t = effective(&["config", "--config", &file], &[]);
+    assert_eq!(
+        get(&t, "input.text_template").as_str(),
+        Some("{title}\n{text} {{literal}}")
+    );
+    assert_eq!(
+        get(&t, "input.missing_template_field").as_str(),
+        Some("dead_letter")
+    );
+    assert_eq!(get(&t, "output.min_relevance").as_float(), Some(0.25));
+    let labels = get(&t, "output.labels").as_array().unwrap();
+    assert_eq!(labels.len(), 3);
+    assert_eq!(labels[2]["name"].as_str(), Some("very likely"));
+    // The env var and the CLI reach the template too.
+    let t = effective(
+        &["config", "--set", "input.text_template={title}"],
+        &[("RERANKER_INPUT__STRICT", "true")],
+    );
+    assert_eq!(get(&t, "input.text_template").as_str(), Some("{title}"));
+    assert_eq!(get(&t, "input.strict").as_bool(), Some(true));
 }

@@ -427,3 +427,159 @@ fn backpressure_with_production_sized_events_answers_every_event() {
         w.log_text()
     );
 }
+
+/// The grown input/output contract across Kafka: an event from a newer producer (minor version,
+/// unknown fields at both levels) is scored rather than dead-lettered; candidates are scored by
+/// the text `input.text_template` builds from their fields; `min_relevance` and `return_text`
+/// per event, and `output.labels`, shape the output; a candidate without a templated field is a
+/// `missing_template_field` dead letter. Every record validates against its published schema.
+#[test]
+fn contract_options_round_trip() {
+    let max_length = 64;
+    let base = scifact_events(1, 6).remove(0);
+    let query = base["query"].as_str().unwrap().to_string();
+    // Structured candidates: a title (the text's first words) beside the text, plus a field this
+    // worker does not know.
+    let candidates: Vec<Value> = base["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let text = c["text"].as_str().unwrap();
+            let title: String = text
+                .split_whitespace()
+                .take(6)
+                .collect::<Vec<_>>()
+                .join(" ");
+            json!({"id": c["id"], "title": title, "text": text, "url": "https://example.org/x"})
+        })
+        .collect();
+    let event = |id: &str, extra: Value| {
+        let mut e = json!({"schema_version": "1.1", "request_id": id, "query": query,
+            "candidates": candidates, "top_n": 10, "tenant": {"name": "t", "tier": [1, 2]}});
+        for (k, v) in extra.as_object().unwrap() {
+            e[k] = v.clone();
+        }
+        e
+    };
+    let mut missing = candidates.clone();
+    missing[2].as_object_mut().unwrap().remove("title");
+    let events = [
+        event("req-all", json!({"return_text": true})),
+        event(
+            "req-filtered",
+            json!({"min_relevance": 0.12, "return_text": false}),
+        ),
+        event("req-missing", json!({"candidates": missing})),
+    ];
+    let Backlog {
+        bootstrap: bs,
+        topics: t,
+        broker: _broker,
+        ..
+    } = backlog("contract", 1, &events);
+    let mut w = WorkerProc::spawn(
+        &bs,
+        &t,
+        &[
+            format!("model.max_length={max_length}"),
+            r#"input.text_template="{title}\n{text}""#.into(),
+            r#"input.missing_template_field="dead_letter""#.into(),
+            r#"output.labels=[{name="unlikely",min_relevance=0.0},{name="likely",min_relevance=0.3},{name="very likely",min_relevance=0.7}]"#.into(),
+        ],
+    );
+    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(300), |r| {
+        r.len() >= events.len()
+    });
+    assert_eq!(
+        w.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    assert_eq!(recs.len(), events.len(), "{}", w.log_text());
+
+    let schema = |name: &str| {
+        let path = repo_root().join("schemas").join(name);
+        let doc: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        jsonschema::draft202012::new(&doc).unwrap()
+    };
+    let (reranked, dead_letter) = (schema("reranked.v1.json"), schema("dead-letter.v1.json"));
+    let mut outputs: HashMap<String, Value> = HashMap::new();
+    for r in &recs {
+        let v = r.json();
+        if r.topic == t.dlq {
+            assert!(dead_letter.is_valid(&v), "{v}");
+            assert_eq!(v["error"]["code"], "missing_template_field", "{v}");
+            assert_eq!(r.key_str(), "k2");
+            continue;
+        }
+        assert!(reranked.is_valid(&v), "{v}");
+        outputs.insert(v["request_id"].as_str().unwrap().to_string(), v);
+    }
+    let all = outputs["req-all"]["results"].as_array().unwrap();
+    assert_eq!(
+        all.len(),
+        candidates.len(),
+        "newer event scored, not dead-lettered"
+    );
+    assert_sorted_and_ranked(&outputs["req-all"], 10);
+
+    // The scored text is the built one: the output echoes it (return_text) and the reference
+    // scorer agrees on it.
+    let mut pairs = Vec::new();
+    for r in all {
+        let c = &candidates[r["original_rank"].as_u64().unwrap() as usize - 1];
+        let built = format!(
+            "{}\n{}",
+            c["title"].as_str().unwrap(),
+            c["text"].as_str().unwrap()
+        );
+        assert_eq!(r["text"].as_str(), Some(built.as_str()));
+        pairs.push((query.clone(), built));
+        let rel = r["relevance"].as_f64().unwrap();
+        let want = if rel >= 0.7 {
+            "very likely"
+        } else if rel >= 0.3 {
+            "likely"
+        } else {
+            "unlikely"
+        };
+        assert_eq!(r["label"].as_str(), Some(want), "{r}");
+    }
+    let reference = reference_scores(&pairs, max_length);
+    for (r, want) in all.iter().zip(&reference) {
+        let got = r["score"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() <= PARITY_TOL,
+            "{got} vs reference {want}"
+        );
+    }
+
+    // min_relevance keeps exactly the results at or above it; return_text false omits texts.
+    let filtered = outputs["req-filtered"]["results"].as_array().unwrap();
+    let expected: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["relevance"].as_f64().unwrap() >= 0.12)
+        .map(|r| &r["id"])
+        .collect();
+    let got: Vec<&Value> = filtered.iter().map(|r| &r["id"]).collect();
+    assert_eq!(got, expected);
+    // This query's candidates fall on both sides of 0.12 (0.08 to 0.48), so the threshold is exercised.
+    assert!(!got.is_empty() && got.len() < all.len(), "{all:?}");
+    assert!(filtered.iter().all(|r| r.get("text").is_none()));
+    assert_eq!(
+        outputs["req-filtered"]["candidates"].as_u64(),
+        Some(candidates.len() as u64)
+    );
+
+    // Each unknown field name is logged once, however many events carry it.
+    let logged: Vec<String> = w
+        .logged("input field not known to this worker: ignored (input.strict = false); logged once per name")
+        .iter()
+        .map(|l| l["field"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut names = logged.clone();
+    names.sort();
+    assert_eq!(names, ["candidates[].url", "tenant"], "{logged:?}");
+}

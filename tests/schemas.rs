@@ -3,7 +3,12 @@
 //!
 //! * input (`retrieval-result.v1.json`): for a corpus of hand-written documents and for systematic
 //!   mutations of a valid event, the schema's verdict equals `decode::decode`'s (with limits so
-//!   large that only structural rules matter);
+//!   large that only structural rules matter), and with `additionalProperties: false` added the
+//!   schema's verdict equals that of a worker run with `input.strict`;
+//! * compatibility: every event today's v1 schema (`tests/fixtures/retrieval-result.v1.0.json`)
+//!   accepts is still accepted, strict or not, and outputs of a worker without the new options
+//!   still validate against today's output schema (`tests/fixtures/reranked.v1.0.json`), whose
+//!   successor only adds optional fields;
 //! * outputs (`reranked.v1.json`, `dead-letter.v1.json`): everything `assemble::render` and
 //!   `dlq::render` emit validates, and the dead-letter code enum lists exactly `ErrorCode::ALL`.
 //!
@@ -24,8 +29,8 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use reranker::assemble::{self, CandidateMeta, Completed, EventMeta, ModelRef};
-use reranker::config::LimitsConfig;
-use reranker::decode::{self, ErrorCode};
+use reranker::config::{Label, LimitsConfig};
+use reranker::decode::{self, ErrorCode, Rules};
 use reranker::dlq::{self, DeadLetter, DlqInput};
 use reranker::model::{sigmoid, Score};
 use reranker::offsets::{Ticket, TopicPartition};
@@ -36,8 +41,21 @@ const DEAD_LETTER: &str = "dead-letter.v1.json";
 const ALL_SCHEMAS: [&str; 3] = [INPUT, RERANKED, DEAD_LETTER];
 
 fn load(name: &str) -> Value {
+    load_from("schemas", name)
+}
+
+/// Today's schemas before the contract grew (issue 14), kept to prove compatibility.
+const INPUT_V1_0: &str = "retrieval-result.v1.0.json";
+const RERANKED_V1_0: &str = "reranked.v1.0.json";
+
+fn fixture_validator(name: &str) -> Validator {
+    jsonschema::draft202012::new(&load_from("tests/fixtures", name))
+        .unwrap_or_else(|e| panic!("{name} does not compile: {e}"))
+}
+
+fn load_from(dir: &str, name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("schemas")
+        .join(dir)
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()))
@@ -154,10 +172,72 @@ fn decode_verdict(bytes: &[u8]) -> Result<(), ErrorCode> {
         .map_err(|e| e.code)
 }
 
+fn strict_verdict(bytes: &[u8]) -> Result<(), ErrorCode> {
+    let rules = Rules {
+        strict: true,
+        ..Rules::default()
+    };
+    decode::decode_with(Some(bytes), &rules, &generous_limits(), None, 0)
+        .map(|_| ())
+        .map_err(|e| e.code)
+}
+
+/// The input schema as a worker with `input.strict = true` reads it: no unlisted fields.
+fn strict_validator() -> Validator {
+    let mut schema = load(INPUT);
+    schema["additionalProperties"] = json!(false);
+    schema["$defs"]["candidate"]["additionalProperties"] = json!(false);
+    jsonschema::draft202012::new(&schema).expect("strict schema compiles")
+}
+
+/// The default worker (unknown fields ignored) against the published schema, and a strict worker
+/// against the schema closed with `additionalProperties: false`.
+struct Readers {
+    lenient: Validator,
+    strict: Validator,
+    /// Today's schema: whatever it accepts must stay accepted.
+    v1_0: Validator,
+}
+
+impl Readers {
+    fn new() -> Self {
+        Self {
+            lenient: validator(INPUT),
+            strict: strict_validator(),
+            v1_0: fixture_validator(INPUT_V1_0),
+        }
+    }
+
+    /// Both pairs agree; returns the lenient verdict.
+    #[track_caller]
+    fn agree(&self, name: &str, bytes: &[u8]) -> bool {
+        let lenient = assert_agree_with(&self.lenient, decode_verdict, name, bytes);
+        let strict = assert_agree_with(
+            &self.strict,
+            strict_verdict,
+            &format!("{name} (strict)"),
+            bytes,
+        );
+        assert!(
+            lenient || !strict,
+            "{name}: strict accepts what lenient refuses"
+        );
+        if schema_accepts(&self.v1_0, bytes) {
+            assert!(strict, "{name}: accepted by today's v1 schema, refused now");
+        }
+        lenient
+    }
+}
+
 #[track_caller]
-fn assert_agree(v: &Validator, name: &str, bytes: &[u8]) -> bool {
+fn assert_agree_with(
+    v: &Validator,
+    verdict: fn(&[u8]) -> Result<(), ErrorCode>,
+    name: &str,
+    bytes: &[u8],
+) -> bool {
     let by_schema = schema_accepts(v, bytes);
-    let by_decode = decode_verdict(bytes);
+    let by_decode = verdict(bytes);
     if by_schema != by_decode.is_ok() {
         let why = serde_json::from_slice::<Value>(bytes)
             .map(|d| errors(v, &d))
@@ -297,20 +377,67 @@ const CORPUS: &[(&str, &str, bool)] = &[
         r#"{"schema_version":1,"request_id":"r","query":"q","candidates":[{"id":"a"}]}"#,
         false,
     ),
-    // ---- unknown fields
+    // ---- unknown fields: ignored (a strict worker refuses them; see `Readers`)
     (
         "unknown top-level field",
         r#"{"schema_version":1,"request_id":"r","query":"q","candidates":[],"extra":1}"#,
-        false,
+        true,
     ),
     (
         "unknown candidate field",
         r#"{"schema_version":1,"request_id":"r","query":"q","candidates":[{"id":"a","text":"t","score":1}]}"#,
+        true,
+    ),
+    (
+        "misspelt optional field (the price of leniency)",
+        r#"{"schema_version":1,"request_id":"r","query":"q","candidates":[],"topN":3}"#,
+        true,
+    ),
+    (
+        "unknown fields of every type, nested",
+        r#"{"schema_version":"1.4","request_id":"r","query":"q","tenant":null,"hints":{"a":[[{"b":[]}]]},
+            "candidates":[{"id":"a","text":"t","title":"T","url":"https://x","lang":null,"rank":[1,2.5]}]}"#,
+        true,
+    ),
+    // ---- min_relevance / return_text
+    (
+        "min_relevance bounds and return_text",
+        r#"{"schema_version":1,"request_id":"r","query":"q","min_relevance":0,"return_text":false,"candidates":[]}"#,
+        true,
+    ),
+    (
+        "min_relevance 1, return_text true",
+        r#"{"schema_version":1,"request_id":"r","query":"q","min_relevance":1,"return_text":true,"candidates":[]}"#,
+        true,
+    ),
+    (
+        "min_relevance and return_text null",
+        r#"{"schema_version":1,"request_id":"r","query":"q","min_relevance":null,"return_text":null,"candidates":[]}"#,
+        true,
+    ),
+    (
+        "min_relevance above 1",
+        r#"{"schema_version":1,"request_id":"r","query":"q","min_relevance":1.01,"candidates":[]}"#,
         false,
     ),
     (
-        "misspelt optional field",
-        r#"{"schema_version":1,"request_id":"r","query":"q","candidates":[],"topN":3}"#,
+        "negative min_relevance",
+        r#"{"schema_version":1,"request_id":"r","query":"q","min_relevance":-0.5,"candidates":[]}"#,
+        false,
+    ),
+    (
+        "min_relevance as string",
+        r#"{"schema_version":1,"request_id":"r","query":"q","min_relevance":"0.5","candidates":[]}"#,
+        false,
+    ),
+    (
+        "return_text as number",
+        r#"{"schema_version":1,"request_id":"r","query":"q","return_text":1,"candidates":[]}"#,
+        false,
+    ),
+    (
+        "return_text as string",
+        r#"{"schema_version":1,"request_id":"r","query":"q","return_text":"true","candidates":[]}"#,
         false,
     ),
     // ---- schema_version
@@ -330,8 +457,53 @@ const CORPUS: &[(&str, &str, bool)] = &[
         false,
     ),
     (
-        "schema_version as string",
+        "schema_version as string without minor",
         r#"{"schema_version":"1","request_id":"r","query":"q","candidates":[]}"#,
+        false,
+    ),
+    (
+        "schema_version 1.0 as string",
+        r#"{"schema_version":"1.0","request_id":"r","query":"q","candidates":[]}"#,
+        true,
+    ),
+    (
+        "schema_version minor 7",
+        r#"{"schema_version":"1.7","request_id":"r","query":"q","candidates":[]}"#,
+        true,
+    ),
+    (
+        "schema_version minor with 9 digits",
+        r#"{"schema_version":"1.123456789","request_id":"r","query":"q","candidates":[]}"#,
+        true,
+    ),
+    (
+        "schema_version minor with 10 digits",
+        r#"{"schema_version":"1.1234567890","request_id":"r","query":"q","candidates":[]}"#,
+        false,
+    ),
+    (
+        "schema_version minor with a leading zero",
+        r#"{"schema_version":"1.01","request_id":"r","query":"q","candidates":[]}"#,
+        false,
+    ),
+    (
+        "schema_version 2.0 as string",
+        r#"{"schema_version":"2.0","request_id":"r","query":"q","candidates":[]}"#,
+        false,
+    ),
+    (
+        "schema_version 1.2.3",
+        r#"{"schema_version":"1.2.3","request_id":"r","query":"q","candidates":[]}"#,
+        false,
+    ),
+    (
+        "schema_version 1.x padded",
+        r#"{"schema_version":" 1.1","request_id":"r","query":"q","candidates":[]}"#,
+        false,
+    ),
+    (
+        "schema_version as number 1.5",
+        r#"{"schema_version":1.5,"request_id":"r","query":"q","candidates":[]}"#,
         false,
     ),
     (
@@ -526,11 +698,11 @@ const CORPUS: &[(&str, &str, bool)] = &[
 
 #[test]
 fn input_corpus_schema_agrees_with_decode() {
-    let v = validator(INPUT);
+    let readers = Readers::new();
     assert!(CORPUS.len() >= 25);
     let mut wrong = Vec::new();
     for &(name, doc, expected) in CORPUS {
-        let verdict = assert_agree(&v, name, doc.as_bytes());
+        let verdict = readers.agree(name, doc.as_bytes());
         if verdict != expected {
             wrong.push(format!(
                 "{name}: both say {verdict}, corpus expects {expected}"
@@ -576,6 +748,8 @@ fn full_event() -> Value {
         ],
         "top_n": 3,
         "min_score": 0.25,
+        "min_relevance": 0.5,
+        "return_text": true,
         "deadline_ms": 1000,
         "produced_at": 1700000000000i64
     })
@@ -585,13 +759,32 @@ fn full_event() -> Value {
 /// on every variant.
 #[test]
 fn input_mutations_schema_agrees_with_decode() {
-    let v = validator(INPUT);
-    let base = full_event();
-    assert!(assert_agree(
-        &v,
-        "base",
-        &serde_json::to_vec(&base).unwrap()
+    let readers = Readers::new();
+    let mut today = full_event();
+    for k in ["min_relevance", "return_text"] {
+        today.as_object_mut().unwrap().remove(k);
+    }
+    assert!(schema_accepts(
+        &readers.v1_0,
+        &serde_json::to_vec(&today).unwrap()
     ));
+    let (mut accepted, mut rejected) = (0, 0);
+    // Today's full event (whose mutations today's schema accepts must stay accepted) and one with
+    // the new fields.
+    for (era, base) in [("v1.0", today), ("v1.1", full_event())] {
+        let (a, r) = mutations_agree(&readers, era, &base);
+        accepted += a;
+        rejected += r;
+    }
+    // Make sure the mutations exercise both verdicts.
+    assert!(
+        accepted > 40 && rejected > 200,
+        "accepted {accepted}, rejected {rejected}"
+    );
+}
+
+fn mutations_agree(readers: &Readers, era: &str, base: &Value) -> (usize, usize) {
+    assert!(readers.agree(era, &serde_json::to_vec(base).unwrap()));
 
     let mut variants: Vec<(String, Value)> = Vec::new();
     let top = base.as_object().unwrap().clone();
@@ -643,17 +836,13 @@ fn input_mutations_schema_agrees_with_decode() {
 
     let (mut accepted, mut rejected) = (0, 0);
     for (name, doc) in &variants {
-        if assert_agree(&v, name, &serde_json::to_vec(doc).unwrap()) {
+        if readers.agree(&format!("{era}: {name}"), &serde_json::to_vec(doc).unwrap()) {
             accepted += 1;
         } else {
             rejected += 1;
         }
     }
-    // Make sure the mutations exercise both verdicts.
-    assert!(
-        accepted > 20 && rejected > 100,
-        "accepted {accepted}, rejected {rejected}"
-    );
+    (accepted, rejected)
 }
 
 /// Inputs where the schema and decode() knowingly disagree. Each is pinned so a change on either
@@ -674,6 +863,13 @@ fn documented_divergences() {
         (
             "repeated key",
             r#"{"schema_version":1,"request_id":"r","query":"q","query":"q2","candidates":[]}"#,
+            true,
+            Err(ErrorCode::SchemaViolation),
+        ),
+        // The same for keys the worker does not know and would otherwise ignore.
+        (
+            "repeated unknown key",
+            r#"{"schema_version":1,"request_id":"r","query":"q","candidates":[{"id":"a","text":"t","x":1,"x":1}]}"#,
             true,
             Err(ErrorCode::SchemaViolation),
         ),
@@ -755,6 +951,7 @@ fn completed(
             candidates,
             top_n,
             min_score,
+            min_relevance: None,
             received_at: Instant::now(),
             record_ts_ms,
             truncated: 1,
@@ -781,6 +978,7 @@ fn sigmoid_model() -> ModelRef {
 #[test]
 fn rendered_reranked_records_match_the_schema() {
     let v = validator(RERANKED);
+    let v1_0 = fixture_validator(RERANKED_V1_0);
     let model = sigmoid_model();
     let softmax = ModelRef {
         activation: "softmax".into(),
@@ -869,9 +1067,11 @@ fn rendered_reranked_records_match_the_schema() {
         ),
     ];
     for (name, c, m, n_results) in cases {
-        let bytes = assemble::render(&c, m, 1_700_000_000_250);
+        let bytes = assemble::render(&c, m, &[], 1_700_000_000_250);
         let doc: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_valid(&v, &doc, name);
+        // Without the new options the output is what today's consumers validate against.
+        assert_valid(&v1_0, &doc, &format!("{name} (today's v1 schema)"));
 
         let results = doc["results"].as_array().unwrap();
         assert_eq!(results.len(), n_results, "{name}: results");
@@ -906,7 +1106,7 @@ fn rendered_reranked_records_match_the_schema() {
 
     // Metadata is passed through byte for byte.
     let c = completed(full(), scores(), 10, None, None);
-    let text = String::from_utf8(assemble::render(&c, &model, 0)).unwrap();
+    let text = String::from_utf8(assemble::render(&c, &model, &[], 0)).unwrap();
     assert!(text.contains(&format!(r#""metadata":{META}"#)), "{text}");
 }
 
@@ -920,7 +1120,8 @@ fn reranked_schema_rejects_what_render_never_emits() {
         None,
         Some(0),
     );
-    let good: Value = serde_json::from_slice(&assemble::render(&c, &sigmoid_model(), 5)).unwrap();
+    let good: Value =
+        serde_json::from_slice(&assemble::render(&c, &sigmoid_model(), &labels(), 5)).unwrap();
     assert_valid(&v, &good, "baseline");
     let bad: Vec<Mutation> = vec![
         ("extra top-level key", |d| d["extra"] = json!(1)),
@@ -941,6 +1142,8 @@ fn reranked_schema_rejects_what_render_never_emits() {
         ("metadata array", |d| {
             d["results"][0]["metadata"] = json!([])
         }),
+        ("label null", |d| d["results"][0]["label"] = Value::Null),
+        ("empty label", |d| d["results"][0]["label"] = json!("")),
         ("unknown activation", |d| {
             d["model"]["activation"] = json!("relu")
         }),
@@ -960,6 +1163,139 @@ fn reranked_schema_rejects_what_render_never_emits() {
         mutate(&mut doc);
         assert!(!v.is_valid(&doc), "schema accepts {name}: {doc}");
     }
+}
+
+fn labels() -> Vec<Label> {
+    [("unlikely", 0.0), ("likely", 0.3), ("very likely", 0.7)]
+        .into_iter()
+        .map(|(name, min_relevance)| Label {
+            name: name.into(),
+            min_relevance,
+        })
+        .collect()
+}
+
+#[test]
+fn labels_and_min_relevance_render_to_the_schema() {
+    let v = validator(RERANKED);
+    let bare = || {
+        (0..5)
+            .map(|i| cand(&format!("id-{i}"), Some("t"), None, None))
+            .collect::<Vec<_>>()
+    };
+    // relevance: 0.119, 0.5, 0.731, 0.881, 0.269
+    let scores = || vec![sig(-2.0), sig(0.0), sig(1.0), sig(2.0), sig(-1.0)];
+    let render = |min_score, min_relevance| {
+        let mut c = completed(bare(), scores(), 10, min_score, None);
+        c.meta.min_relevance = min_relevance;
+        let doc: Value =
+            serde_json::from_slice(&assemble::render(&c, &sigmoid_model(), &labels(), 0)).unwrap();
+        assert_valid(&v, &doc, "labelled");
+        doc["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    r["label"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let ids = |v: Vec<(String, String)>| v.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+    assert_eq!(
+        render(None, None)
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect::<Vec<_>>(),
+        [
+            "very likely",
+            "very likely",
+            "likely",
+            "unlikely",
+            "unlikely"
+        ]
+    );
+    assert_eq!(ids(render(None, Some(0.5))), ["id-3", "id-2", "id-1"]);
+    // Both thresholds apply when both are set.
+    assert_eq!(ids(render(Some(0.5), Some(0.2))), ["id-3", "id-2"]);
+    assert_eq!(ids(render(Some(-1.5), Some(0.7))), ["id-3", "id-2"]);
+    assert!(render(None, Some(1.0)).is_empty());
+}
+
+/// The output schema only grew by optional fields: drop them and the descriptions, and today's
+/// schema is what remains.
+#[test]
+fn reranked_schema_only_adds_optional_fields() {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                m.remove("description");
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut now = load(RERANKED);
+    let mut then = load_from("tests/fixtures", RERANKED_V1_0);
+    let added = now["$defs"]["result"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("label")
+        .expect("label");
+    assert_eq!(added["type"], "string");
+    assert!(!now["$defs"]["result"]["required"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("label")));
+    strip(&mut now);
+    strip(&mut then);
+    assert_eq!(
+        now, then,
+        "reranked.v1.json changed beyond adding optional fields"
+    );
+}
+
+/// The input schema only loosened: today's schema with the new optional fields and without
+/// `additionalProperties: false` and with the schema_version alternatives is today's schema.
+#[test]
+fn input_schema_only_loosens() {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                m.remove("description");
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut now = load(INPUT);
+    let mut then = load_from("tests/fixtures", INPUT_V1_0);
+    for k in ["min_relevance", "return_text"] {
+        now["properties"]
+            .as_object_mut()
+            .unwrap()
+            .remove(k)
+            .expect(k);
+    }
+    assert!(now["properties"]["schema_version"]["anyOf"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({ "const": 1 })));
+    now["properties"]["schema_version"] = json!({ "const": 1 });
+    for path in ["", "/$defs/candidate"] {
+        let m = then.pointer_mut(path).unwrap().as_object_mut().unwrap();
+        assert_eq!(m.remove("additionalProperties"), Some(json!(false)));
+    }
+    strip(&mut now);
+    strip(&mut then);
+    assert_eq!(
+        now, then,
+        "retrieval-result.v1.json changed beyond loosening"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1057,6 +1393,7 @@ fn dead_letter_code_enum_is_exactly_error_code_all() {
             | ErrorCode::PayloadTooLarge
             | ErrorCode::DuplicateCandidateId
             | ErrorCode::DeadlineExceeded
+            | ErrorCode::MissingTemplateField
             | ErrorCode::TokenizationFailed
             | ErrorCode::InferenceFailed => true,
         }
@@ -1074,6 +1411,7 @@ fn dead_letter_code_enum_is_exactly_error_code_all() {
         ErrorCode::PayloadTooLarge,
         ErrorCode::DuplicateCandidateId,
         ErrorCode::DeadlineExceeded,
+        ErrorCode::MissingTemplateField,
         ErrorCode::TokenizationFailed,
         ErrorCode::InferenceFailed,
     ];

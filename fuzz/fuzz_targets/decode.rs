@@ -17,6 +17,10 @@ mod config {
 #[allow(dead_code)]
 mod decode;
 
+#[path = "../../src/template.rs"]
+#[allow(dead_code)]
+mod template;
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let limits = config::LimitsConfig {
         max_candidates: 8,
@@ -24,17 +28,31 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         max_text_bytes: 1024,
         max_event_bytes: 64 * 1024,
     };
-    // The first byte decides whether the record has a value at all (tombstones are input too).
-    let payload = match data.split_first() {
-        Some((0, _)) | None => None,
-        Some((_, rest)) => Some(rest),
+    // The first byte decides whether the record has a value at all (tombstones are input too) and
+    // which `[input]` rules apply: strict or not, templated or not, and the missing-field policy.
+    let template = template::Template::parse("{title}\n{text}").ok();
+    let (payload, flags) = match data.split_first() {
+        Some((0, _)) | None => (None, 0),
+        Some((&f, rest)) => (Some(rest), f),
     };
-    match decode::decode(payload, &limits, Some(1_000), 2_000) {
+    let rules = decode::Rules {
+        strict: flags & 2 != 0,
+        template: template.as_ref().filter(|_| flags & 4 != 0),
+        missing: if flags & 8 != 0 {
+            template::MissingField::DeadLetter
+        } else {
+            template::MissingField::Empty
+        },
+    };
+    match decode::decode_with(payload, &rules, &limits, Some(1_000), 2_000) {
         Ok(ev) => {
             // Whatever is accepted honours the limits.
             assert!(ev.candidates.len() <= limits.max_candidates);
             assert!(!ev.query.trim().is_empty());
             assert!(ev.candidates.iter().all(|c| c.text.len() <= limits.max_text_bytes));
+            assert!(ev.unknown_fields.len() <= decode::MAX_UNKNOWN_PER_EVENT);
+            assert!(!rules.strict || ev.unknown_fields.is_empty());
+            assert!(ev.min_relevance.is_none_or(|m| (0.0..=1.0).contains(&m)));
         }
         Err(e) => assert!(!e.message.is_empty()),
     }

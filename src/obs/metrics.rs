@@ -14,6 +14,7 @@
 //! | `reranker.events.produced` (`{event}`) | `reranker_events_produced_total` |
 //! | `reranker.events.dead_lettered` (`{event}`, `error.code`) | `reranker_events_dead_lettered_total{error_code}` |
 //! | `reranker.pairs.scored` (`{pair}`) | `reranker_pairs_scored_total` |
+//! | `reranker.input.unknown_fields` (`{field}`, `field`) | `reranker_input_unknown_fields_total{field}` |
 //! | `reranker.batch.size` (`{pair}`) | `reranker_batch_size_bucket` ... |
 //! | `reranker.batch.tokens` (`{token}`, padded) | `reranker_batch_tokens_bucket` ... |
 //! | `reranker.batch.padding` (`1`) | `reranker_batch_padding_ratio_bucket` ... |
@@ -80,6 +81,7 @@ pub struct Metrics {
     events_produced: Counter<u64>,
     events_dead_lettered: Counter<u64>,
     pairs_scored: Counter<u64>,
+    unknown_fields: Counter<u64>,
     batch_size: Histogram<u64>,
     batch_tokens: Histogram<u64>,
     batch_padding: Histogram<f64>,
@@ -226,6 +228,11 @@ impl Metrics {
                 "{pair}",
                 "(query, passage) pairs scored by the model",
             ),
+            unknown_fields: counter(
+                "reranker.input.unknown_fields",
+                "{field}",
+                "Input fields this worker does not know and ignored (input.strict = false), by name; candidate fields as candidates[].<name>",
+            ),
             batch_size: meter
                 .u64_histogram("reranker.batch.size")
                 .with_unit("{pair}")
@@ -285,6 +292,11 @@ impl Metrics {
     pub fn dead_lettered(&self, code: ErrorCode) {
         self.events_dead_lettered
             .add(1, &[KeyValue::new("error.code", code.as_str())]);
+    }
+
+    /// One event carried the unknown field `field` (an attribute built once per name).
+    pub fn unknown_field(&self, field: &KeyValue) {
+        self.unknown_fields.add(1, std::slice::from_ref(field));
     }
 
     pub fn batch(&self, b: &BatchRun<'_>) {
@@ -365,6 +377,7 @@ mod tests {
         m.consumed();
         m.consumed();
         m.dead_lettered(ErrorCode::InvalidJson);
+        m.unknown_field(&KeyValue::new("field", "candidates[].url"));
         let t0 = Instant::now();
         m.batch(&BatchRun {
             rows: 4,
@@ -379,6 +392,7 @@ mod tests {
         for want in [
             "reranker_events_consumed_total{otel_scope_name=\"reranker\"} 2",
             "reranker_events_dead_lettered_total{error_code=\"invalid_json\",otel_scope_name=\"reranker\"} 1",
+            "reranker_input_unknown_fields_total{field=\"candidates[].url\",otel_scope_name=\"reranker\"} 1",
             "reranker_inference_duration_seconds_count{otel_scope_name=\"reranker\"} 1",
             "reranker_batch_padding_ratio_sum{otel_scope_name=\"reranker\"} 0.25",
             "reranker_queue_wait_duration_seconds_count{otel_scope_name=\"reranker\"} 4",

@@ -1,8 +1,9 @@
 //! Each event is recorded once, here: the call updates the OpenTelemetry instrument and the plain
 //! total that the progress log, `bench` and `replay` read, so the two cannot disagree.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -75,9 +76,17 @@ impl Snapshot {
     }
 }
 
+/// Distinct unknown field names counted under their own name; later ones share
+/// [`OTHER_FIELDS`], so a producer sending random keys cannot grow the metric without bound.
+pub const MAX_UNKNOWN_FIELD_NAMES: usize = 100;
+pub const OTHER_FIELDS: &str = "_other";
+pub const MAX_FIELD_NAME_BYTES: usize = 128;
+
 pub struct Recorder {
     totals: Totals,
     metrics: Arc<Metrics>,
+    /// Unknown input field names seen so far, with their metric attribute.
+    unknown: Mutex<HashMap<String, opentelemetry::KeyValue>>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -95,6 +104,7 @@ impl Recorder {
         Self {
             totals: Totals::default(),
             metrics: Arc::new(metrics),
+            unknown: Mutex::new(HashMap::new()),
         }
     }
 
@@ -122,6 +132,34 @@ impl Recorder {
     pub fn dead_lettered(&self, code: ErrorCode) {
         add(&self.totals.dead_letters, 1);
         self.metrics.dead_lettered(code);
+    }
+
+    /// An event carried fields this worker ignored. Each name is logged the first time only.
+    pub fn unknown_fields(&self, names: &BTreeSet<String>) {
+        let mut seen = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        for name in names {
+            if let Some(kv) = seen.get(name) {
+                self.metrics.unknown_field(kv);
+                continue;
+            }
+            let tracked =
+                seen.len() < MAX_UNKNOWN_FIELD_NAMES && name.len() <= MAX_FIELD_NAME_BYTES;
+            if tracked {
+                tracing::warn!(
+                    field = %name,
+                    "input field not known to this worker: ignored (input.strict = false); logged once per name"
+                );
+            } else if !seen.contains_key(OTHER_FIELDS) {
+                tracing::warn!(
+                    "unknown input fields beyond {MAX_UNKNOWN_FIELD_NAMES} names, or with names over {MAX_FIELD_NAME_BYTES} bytes, are counted as {OTHER_FIELDS} and not logged"
+                );
+            }
+            let key = if tracked { name.as_str() } else { OTHER_FIELDS };
+            let kv = seen
+                .entry(key.to_string())
+                .or_insert_with(|| opentelemetry::KeyValue::new("field", key.to_string()));
+            self.metrics.unknown_field(kv);
+        }
     }
 
     pub fn batch(&self, b: &BatchRun<'_>) {

@@ -106,11 +106,19 @@ impl<S: Sink> Admitter<S> {
             &r.trace,
         );
         let _entered = span.enter();
-        let ev = match decode::decode(r.payload, &self.cfg.limits, r.timestamp_ms, crate::now_ms())
-        {
+        let ev = match decode::decode_with(
+            r.payload,
+            &self.cfg.input.rules(),
+            &self.cfg.limits,
+            r.timestamp_ms,
+            crate::now_ms(),
+        ) {
             Ok(ev) => ev,
             Err(e) => return self.reject(&r, ticket, e.code, &e.message, &span),
         };
+        if !ev.unknown_fields.is_empty() {
+            self.recorder.unknown_fields(&ev.unknown_fields);
+        }
         span.record("reranker.request_id", ev.request_id.as_str());
         span.record("reranker.candidates", ev.candidates.len() as i64);
         let tokenize_start = Instant::now();
@@ -131,7 +139,7 @@ impl<S: Sink> Admitter<S> {
         }
         self.recorder.tokenized(tokenize_start.elapsed());
         span.record("reranker.pairs", pairs.len() as i64);
-        let include_text = self.cfg.output.include_text;
+        let include_text = ev.return_text.unwrap_or(self.cfg.output.include_text);
         let top_n = ev
             .top_n
             .map(|n| n as usize)
@@ -156,6 +164,7 @@ impl<S: Sink> Admitter<S> {
                 .collect(),
             top_n,
             min_score: ev.min_score,
+            min_relevance: ev.min_relevance.or(self.cfg.output.min_relevance),
             received_at: Instant::now(),
             record_ts_ms: r.timestamp_ms,
             truncated,
@@ -526,6 +535,17 @@ mod tests {
         mpsc::UnboundedReceiver<ToCoordinator>,
         Collect,
     ) {
+        admitter_with(tok, Config::default())
+    }
+
+    fn admitter_with(
+        tok: PairTokenizer,
+        cfg: Config,
+    ) -> (
+        Admitter<Collect>,
+        mpsc::UnboundedReceiver<ToCoordinator>,
+        Collect,
+    ) {
         let (coord_tx, coord_rx) = mpsc::unbounded_channel();
         let sink = Collect::default();
         let tracker = SharedTracker::default();
@@ -534,7 +554,7 @@ mod tests {
             partition: 0,
         });
         let a = Admitter {
-            cfg: Arc::new(Config::default()),
+            cfg: Arc::new(cfg),
             tokenizer: Arc::new(tok),
             tracker,
             coord_tx,
@@ -592,5 +612,33 @@ mod tests {
         assert!(coord_rx.try_recv().is_err());
         assert_eq!(sink.0.lock().unwrap().len(), 1);
         assert_eq!(a.recorder.snapshot().events_in, 2);
+    }
+
+    /// The per-event options reach the event's metadata: `return_text` over `output.include_text`,
+    /// the event's `min_relevance` over `output.min_relevance`, and the templated text is what is
+    /// kept (and tokenized).
+    #[test]
+    fn per_event_options_override_the_config() {
+        let Some(tok) = tokenizer() else { return };
+        let mut cfg = Config::default();
+        cfg.output.include_text = true;
+        cfg.output.min_relevance = Some(0.2);
+        cfg.input.text_template =
+            Some(crate::template::Template::parse("{title}: {text}").unwrap());
+        let (mut a, mut coord_rx, sink) = admitter_with(tok, cfg);
+        let mut next = |offset: i64, payload: &[u8]| {
+            a.admit(record(0, offset, payload));
+            match coord_rx.try_recv() {
+                Ok(ToCoordinator::Admit(meta, _)) => meta,
+                _ => panic!("not admitted: {}", String::from_utf8_lossy(payload)),
+            }
+        };
+        let m = next(0, br#"{"schema_version":"1.1","request_id":"r","query":"q","x":1,"candidates":[{"id":"a","title":"T","text":"t"}]}"#);
+        assert_eq!(m.candidates[0].text.as_deref(), Some("T: t"));
+        assert_eq!(m.min_relevance, Some(0.2));
+        let m = next(1, br#"{"schema_version":1,"request_id":"r","query":"q","return_text":false,"min_relevance":0.9,"candidates":[{"id":"a","text":"t"}]}"#);
+        assert_eq!(m.candidates[0].text, None);
+        assert_eq!(m.min_relevance, Some(0.9));
+        assert!(sink.0.lock().unwrap().is_empty());
     }
 }

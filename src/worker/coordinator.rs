@@ -13,6 +13,7 @@ use super::finish::{Finished, Outcome, Routes, Sink};
 use super::inflight::InflightPairs;
 use crate::assemble::{self, Assembler, Completed, EventMeta, ModelRef};
 use crate::batch::{Batch, Batcher, PairKey, PendingPair};
+use crate::config::Label;
 use crate::decode::ErrorCode;
 use crate::dlq::DlqInput;
 use crate::kafka::consumer::RebalanceNote;
@@ -35,6 +36,8 @@ pub struct Coordinator<S> {
     pub sink: S,
     pub routes: Arc<Routes>,
     pub model: ModelRef,
+    /// `output.labels`, written into each result.
+    pub labels: Vec<Label>,
     pub pad_id: u32,
     pub recorder: Arc<Recorder>,
     pub inflight: Arc<InflightPairs>,
@@ -177,7 +180,7 @@ impl<S: Sink> Coordinator<S> {
         if let Some(bad) = done.scores.iter().find(|s| !s.logit.is_finite()) {
             return self.dead_letter(done.meta, &InferError::NonFinite(bad.logit));
         }
-        let payload = assemble::render(&done, &self.model, crate::now_ms());
+        let payload = assemble::render(&done, &self.model, &self.labels, crate::now_ms());
         let m = done.meta;
         let rec = self.routes.output(m.key, payload, m.headers, &m.span);
         self.sink.finish(Finished {
@@ -263,6 +266,7 @@ mod tests {
                 revision: "r".into(),
                 activation: "sigmoid".into(),
             },
+            labels: Vec::new(),
             pad_id: 0,
             recorder: h.recorder.clone(),
             inflight: h.inflight.clone(),
@@ -299,6 +303,7 @@ mod tests {
                     .collect(),
                 top_n: n,
                 min_score: None,
+                min_relevance: None,
                 received_at: Instant::now(),
                 record_ts_ms: None,
                 truncated: 0,

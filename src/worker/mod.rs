@@ -275,6 +275,7 @@ impl Worker {
             sink: finisher.clone(),
             routes: routes.clone(),
             model: model_ref,
+            labels: cfg.output.labels.clone(),
             pad_id,
             recorder: recorder.clone(),
             inflight: inflight.clone(),

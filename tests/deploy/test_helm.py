@@ -281,8 +281,14 @@ def test_schema_config_keys_are_the_binary_keys(chart):
     schema = chart.schema["properties"]["config"]["properties"]
     assert set(schema) == set(cfg), set(schema) ^ set(cfg)
     for section, keys in cfg.items():
-        # Option<String> keys, unset by default
-        unset = {"model": {"name"}, "processing": {"transactional_id"}, "kafka": {"stall_warn_ms"}}
+        # Option keys, unset by default
+        unset = {
+            "model": {"name"},
+            "processing": {"transactional_id"},
+            "kafka": {"stall_warn_ms"},
+            "input": {"text_template"},
+            "output": {"min_relevance"},
+        }
         expected = set(keys) | unset.get(section, set())
         assert set(schema[section]["properties"]) == expected, section
 
