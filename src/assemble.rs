@@ -30,6 +30,8 @@ pub struct EventMeta {
     /// The event's `min_relevance`, else `output.min_relevance`.
     pub min_relevance: Option<f64>,
     pub received_at: Instant,
+    /// When the event's `deadline_ms` runs out, on this process's clock.
+    pub deadline: Option<Instant>,
     pub record_ts_ms: Option<i64>,
     pub truncated: u32,
     /// Candidates scored as several windows (`model.long_passages = "chunk_max"`).

@@ -10,7 +10,12 @@
 //! - the oldest waiting pair has waited `max_wait` (`Timeout`),
 //! - the caller drains (`Drain`, on shutdown).
 //!
-//! Every batch holds the oldest waiting pair, so no pair starves however the lengths fall.
+//! Every batch holds the most urgent waiting pair: the one whose time runs out first, where a
+//! pair's time is the earlier of its wait limit (`enqueued + max_wait`) and its event's deadline.
+//! Without deadlines that is the oldest pair, so no pair starves however the lengths fall; with
+//! them, a pair whose deadline is near goes first, and the pairs around it are still chosen by
+//! length. A deadline can only move a pair ahead of those whose wait limit is later, so an old
+//! pair is passed over by at most the pairs whose deadline falls before its wait limit.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +32,8 @@ pub struct PendingPair {
     pub key: PairKey,
     pub pair: EncodedPair,
     pub enqueued: Instant,
+    /// The event's deadline, if it has one.
+    pub deadline: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -100,6 +107,15 @@ impl Batcher {
         self.pool.len()
     }
 
+    pub fn max_tokens(&self) -> usize {
+        self.policy.max_tokens
+    }
+
+    /// Changes the token budget of the batches closed from now on.
+    pub fn set_max_tokens(&mut self, max_tokens: usize) {
+        self.policy.max_tokens = max_tokens;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pool.is_empty()
     }
@@ -142,6 +158,22 @@ impl Batcher {
         Some(self.take(order, window, CloseReason::Drain))
     }
 
+    /// Index of the pair whose time runs out first (ties: the earlier arrival).
+    fn most_urgent(&self) -> usize {
+        let wait = self.policy.max_wait;
+        let due = |p: &PendingPair| {
+            let limit = p.enqueued + wait;
+            p.deadline.map_or(limit, |d| d.min(limit))
+        };
+        let mut best = 0;
+        for (i, p) in self.pool.iter().enumerate().skip(1) {
+            if due(p) < due(&self.pool[best]) {
+                best = i;
+            }
+        }
+        best
+    }
+
     /// Sorts pool indices by length and picks the window holding the oldest pair that takes the most
     /// pairs within both budgets, wasting the fewest padded tokens among those.
     fn choose(&self) -> (Vec<usize>, Window) {
@@ -154,7 +186,8 @@ impl Batcher {
         for l in &lens {
             prefix.push(prefix.last().copied().unwrap_or(0) + l);
         }
-        let k = order.iter().position(|&i| i == 0).unwrap_or(0);
+        let urgent = self.most_urgent();
+        let k = order.iter().position(|&i| i == urgent).unwrap_or(0);
         let n = lens.len();
         let (max_pairs, max_tokens) = (self.policy.max_pairs, self.policy.max_tokens);
 
@@ -225,6 +258,7 @@ mod tests {
                 truncated: false,
             },
             enqueued: at,
+            deadline: None,
         }
     }
 
@@ -340,6 +374,49 @@ mod tests {
         }
         let batch = b.poll(t0).expect("full");
         assert!(batch.pairs.iter().any(|p| p.key.event == 99));
+    }
+
+    #[test]
+    fn a_near_deadline_leads_the_next_batch_with_pairs_of_its_length() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let fill = |b: &mut Batcher| {
+            for i in 0..8 {
+                b.push(pair(i, 10, t0)); // the oldest pairs are short
+            }
+            for i in 8..16 {
+                b.push(pair(i, 300, t0 + ms(1)));
+            }
+        };
+        let mut b = Batcher::new(policy(4, 100_000, 1000));
+        fill(&mut b);
+        b.push(pair(99, 300, t0 + ms(2)));
+        let batch = b.poll(t0).expect("full");
+        assert!(
+            batch.pairs.iter().all(|p| p.pair.len() == 10),
+            "no deadline: the oldest lead"
+        );
+
+        let mut b = Batcher::new(policy(4, 100_000, 1000));
+        fill(&mut b);
+        let mut urgent = pair(99, 300, t0 + ms(2));
+        urgent.deadline = Some(t0 + ms(50)); // before the shorts' wait limit (t0 + 1000 ms)
+        b.push(urgent);
+        let batch = b.poll(t0).expect("full");
+        assert!(batch.pairs.iter().any(|p| p.key.event == 99));
+        assert!(
+            batch.pairs.iter().all(|p| p.pair.len() == 300),
+            "grouped by length"
+        );
+
+        // A deadline later than the oldest pair's wait limit changes nothing.
+        let mut b = Batcher::new(policy(4, 100_000, 1000));
+        fill(&mut b);
+        let mut relaxed = pair(99, 300, t0 + ms(2));
+        relaxed.deadline = Some(t0 + ms(5000));
+        b.push(relaxed);
+        let batch = b.poll(t0).expect("full");
+        assert!(batch.pairs.iter().all(|p| p.pair.len() == 10));
     }
 
     #[test]

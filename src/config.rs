@@ -19,6 +19,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub model: ModelConfig,
     pub batch: BatchConfig,
+    pub inference: InferenceConfig,
+    pub deadline: DeadlineConfig,
     pub limits: LimitsConfig,
     pub input: InputConfig,
     pub flow: FlowConfig,
@@ -103,6 +105,58 @@ pub struct ModelConfig {
     pub long_passages: LongPassages,
     /// Tokens shared by consecutive windows in `chunk_max` mode.
     pub chunk_overlap: usize,
+}
+
+/// What happens when the model fails on a batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Whole-batch retries (doubling backoff) before the batch is split to find the pairs that
+    /// fail on their own; only their events are dead-lettered.
+    pub max_retries: u32,
+    /// Wait before the first retry.
+    pub retry_backoff_ms: u64,
+    /// After an out-of-memory failure the batch token budget is halved for this long.
+    pub oom_cooldown_ms: u64,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            retry_backoff_ms: 50,
+            oom_cooldown_ms: 60_000,
+        }
+    }
+}
+
+/// What an event whose `deadline_ms` passes while it waits in the worker becomes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadlineAction {
+    /// A dead letter with code `deadline_exceeded`.
+    #[default]
+    DeadLetter,
+    /// Nothing is published; its offset is committed.
+    Drop,
+    /// Scored and published late (counted as a miss).
+    ScoreAnyway,
+}
+
+impl DeadlineAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DeadLetter => "dead_letter",
+            Self::Drop => "drop",
+            Self::ScoreAnyway => "score_anyway",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadlineConfig {
+    pub action: DeadlineAction,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

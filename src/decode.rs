@@ -423,6 +423,26 @@ pub fn decode(
     decode_with(payload, &Rules::default(), limits, record_ts_ms, now_ms)
 }
 
+impl RetrievalResult {
+    /// When the event's `deadline_ms` runs out (Unix ms): counted from `produced_at`, else the
+    /// record timestamp; `None` without a deadline or a start.
+    pub fn deadline_at_ms(&self, record_ts_ms: Option<i64>) -> Option<i64> {
+        let budget = i64::try_from(self.deadline_ms?).unwrap_or(i64::MAX);
+        Some(self.produced_at.or(record_ts_ms)?.saturating_add(budget))
+    }
+}
+
+/// As [`decode_with`], but an event whose deadline has already passed is still returned (for
+/// `deadline.action = "score_anyway"`).
+pub fn decode_without_expiry(
+    payload: Option<&[u8]>,
+    rules: &Rules<'_>,
+    limits: &LimitsConfig,
+    record_ts_ms: Option<i64>,
+) -> Result<RetrievalResult, DecodeError> {
+    decode_with(payload, rules, limits, record_ts_ms, i64::MIN)
+}
+
 /// Parses and validates one record value; on success every candidate's `text` is the text to
 /// score.
 pub fn decode_with(
@@ -593,6 +613,7 @@ fn validate(
     }
     if let Some(budget) = ev.deadline_ms {
         if let Some(start) = ev.produced_at.or(record_ts_ms) {
+            // (`decode_without_expiry` passes i64::MIN: nothing has expired before any clock.)
             let elapsed = now_ms.saturating_sub(start);
             if elapsed > i64::try_from(budget).unwrap_or(i64::MAX) {
                 return Err(err(

@@ -953,6 +953,7 @@ fn completed(
             min_score,
             min_relevance: None,
             received_at: Instant::now(),
+            deadline: None,
             record_ts_ms,
             truncated: 1,
             chunked: 0,

@@ -46,7 +46,8 @@ pub type GroupMetadata = Box<dyn Fn() -> Option<ConsumerGroupMetadata> + Send>;
 
 enum TxnMsg {
     Finished {
-        rec: OutRecord,
+        /// `None`: nothing to publish (a dropped event); its offset is still released.
+        rec: Option<OutRecord>,
         ticket: Ticket,
         done: Done,
     },
@@ -62,7 +63,7 @@ pub struct TxnHandle(std_mpsc::Sender<TxnMsg>);
 
 impl TxnHandle {
     /// Hands over a finished event; `done` is called when it is released or discarded.
-    pub fn finished(&self, rec: OutRecord, ticket: Ticket, done: Done) {
+    pub fn finished(&self, rec: Option<OutRecord>, ticket: Ticket, done: Done) {
         if let Err(std_mpsc::SendError(TxnMsg::Finished { done, .. })) =
             self.0.send(TxnMsg::Finished { rec, ticket, done })
         {
@@ -103,7 +104,7 @@ pub struct TxnEgress {
 }
 
 struct Pending {
-    rec: OutRecord,
+    rec: Option<OutRecord>,
     ticket: Ticket,
     done: Done,
 }
@@ -227,7 +228,7 @@ impl TxnThread {
         }
     }
 
-    fn finished(&mut self, rec: OutRecord, ticket: Ticket, done: Done) {
+    fn finished(&mut self, rec: Option<OutRecord>, ticket: Ticket, done: Done) {
         let point = {
             let mut t = self.tracker.lock();
             if !t.is_current(&ticket) {
@@ -244,7 +245,9 @@ impl TxnThread {
         let rest = held.split_off(&point);
         let ready = std::mem::replace(held, rest);
         for (_, p) in ready {
-            self.produce(&p.rec);
+            if let Some(rec) = &p.rec {
+                self.produce(rec);
+            }
             (p.done)(Release::Released);
         }
         self.offsets.insert(tp, point);

@@ -20,6 +20,7 @@ use crate::batch::{Batch, CloseReason, PairKey};
 use crate::config::{Device, ModelConfig, OptLevel};
 use crate::obs::telemetry;
 
+pub mod isolate;
 pub mod warm_up;
 use crate::tokenize::EncodedPair;
 
@@ -120,6 +121,30 @@ impl TensorBatch {
             input_ids,
             attention_mask,
             token_type_ids,
+        }
+    }
+
+    /// Rows `lo..hi` as a batch of their own, padded only to their longest row.
+    pub fn rows_range(&self, lo: usize, hi: usize) -> Self {
+        let real = |r: usize| {
+            self.attention_mask[r * self.seq_len..(r + 1) * self.seq_len]
+                .iter()
+                .rposition(|&m| m != 0)
+                .map_or(0, |i| i + 1)
+        };
+        let seq_len = (lo..hi).map(real).max().unwrap_or(0);
+        let take = |v: &[i64]| -> Vec<i64> {
+            (lo..hi)
+                .flat_map(|r| &v[r * self.seq_len..r * self.seq_len + seq_len])
+                .copied()
+                .collect()
+        };
+        Self {
+            rows: hi - lo,
+            seq_len,
+            input_ids: take(&self.input_ids),
+            attention_mask: take(&self.attention_mask),
+            token_type_ids: take(&self.token_type_ids),
         }
     }
 }
@@ -421,7 +446,9 @@ impl std::fmt::Display for InferError {
 
 pub struct InferResult {
     pub keys: Vec<PairKey>,
-    pub scores: Result<Vec<Score>, InferError>,
+    /// One per row (pair), in `keys` order: after retries and splitting, only the pairs that fail
+    /// on their own are errors.
+    pub scores: Vec<Result<Score, InferError>>,
     pub started: Instant,
     pub elapsed: Duration,
     pub enqueued: Vec<Instant>,
@@ -429,11 +456,16 @@ pub struct InferResult {
     pub seq_len: usize,
     pub real_tokens: usize,
     pub reason: CloseReason,
+    pub retries: u32,
+    pub split_runs: u32,
+    /// The batch failed for lack of memory: the coordinator shrinks its token budget for a while.
+    pub out_of_memory: bool,
 }
 
 /// Runs the session on its own thread until the request channel closes.
 pub fn spawn(
     mut scorer: Scorer,
+    policy: isolate::RetryPolicy,
     mut rx: mpsc::Receiver<InferRequest>,
     tx: mpsc::UnboundedSender<InferResult>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -452,19 +484,22 @@ pub fn spawn(
                     &req.links,
                 );
                 let started = Instant::now();
-                let scores = span.in_scope(|| {
-                    scorer
-                        .score(&req.tensors)
-                        .map_err(|e| InferError::Run(e.to_string()))
+                let out = span.in_scope(|| {
+                    isolate::score_isolating(
+                        &mut |t| scorer.score(t),
+                        &req.tensors,
+                        policy,
+                        &mut std::thread::sleep,
+                    )
                 });
-                if let Err(e) = &scores {
+                if let Some(Err(e)) = out.rows.iter().find(|r| r.is_err()) {
                     span.record("otel.status_code", "ERROR");
                     span.record("otel.status_description", e.to_string().as_str());
                 }
                 drop(span);
                 let res = InferResult {
                     keys: req.keys,
-                    scores,
+                    scores: out.rows,
                     started,
                     elapsed: started.elapsed(),
                     enqueued: req.enqueued,
@@ -472,6 +507,9 @@ pub fn spawn(
                     seq_len: req.tensors.seq_len,
                     real_tokens: req.real_tokens,
                     reason: req.reason,
+                    retries: out.retries,
+                    split_runs: out.split_runs,
+                    out_of_memory: out.out_of_memory,
                 };
                 if tx.send(res).is_err() {
                     break;

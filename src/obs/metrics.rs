@@ -15,6 +15,10 @@
 //! | `reranker.events.dead_lettered` (`{event}`, `error.code`) | `reranker_events_dead_lettered_total{error_code}` |
 //! | `reranker.pairs.scored` (`{pair}`) | `reranker_pairs_scored_total` |
 //! | `reranker.input.unknown_fields` (`{field}`, `field`) | `reranker_input_unknown_fields_total{field}` |
+//! | `reranker.inference.retries` (`{run}`) | `reranker_inference_retries_total` |
+//! | `reranker.inference.split_runs` (`{run}`) | `reranker_inference_split_runs_total` |
+//! | `reranker.deadline.missed` (`{event}`, `action`) | `reranker_deadline_missed_total{action}` |
+//! | `reranker.batch.token_budget` (`{token}`, gauge) | `reranker_batch_token_budget` |
 //! | `reranker.batch.size` (`{pair}`) | `reranker_batch_size_bucket` ... |
 //! | `reranker.batch.tokens` (`{token}`, padded) | `reranker_batch_tokens_bucket` ... |
 //! | `reranker.batch.padding` (`1`) | `reranker_batch_padding_ratio_bucket` ... |
@@ -82,6 +86,10 @@ pub struct Metrics {
     events_dead_lettered: Counter<u64>,
     pairs_scored: Counter<u64>,
     unknown_fields: Counter<u64>,
+    inference_retries: Counter<u64>,
+    inference_split_runs: Counter<u64>,
+    deadline_missed: Counter<u64>,
+    token_budget: opentelemetry::metrics::Gauge<u64>,
     batch_size: Histogram<u64>,
     batch_tokens: Histogram<u64>,
     batch_padding: Histogram<f64>,
@@ -233,6 +241,26 @@ impl Metrics {
                 "{field}",
                 "Input fields this worker does not know and ignored (input.strict = false), by name; candidate fields as candidates[].<name>",
             ),
+            inference_retries: counter(
+                "reranker.inference.retries",
+                "{run}",
+                "Whole-batch retries after an inference failure (inference.max_retries)",
+            ),
+            inference_split_runs: counter(
+                "reranker.inference.split_runs",
+                "{run}",
+                "Runs on halves of a failed batch while finding the pairs that fail on their own",
+            ),
+            deadline_missed: counter(
+                "reranker.deadline.missed",
+                "{event}",
+                "Events whose deadline passed while they waited in the worker, by deadline.action",
+            ),
+            token_budget: meter
+                .u64_gauge("reranker.batch.token_budget")
+                .with_unit("{token}")
+                .with_description("Current padded-token budget per batch; halved for a while after an out-of-memory failure")
+                .build(),
             batch_size: meter
                 .u64_histogram("reranker.batch.size")
                 .with_unit("{pair}")
@@ -292,6 +320,20 @@ impl Metrics {
     pub fn dead_lettered(&self, code: ErrorCode) {
         self.events_dead_lettered
             .add(1, &[KeyValue::new("error.code", code.as_str())]);
+    }
+
+    pub fn inference_recovery(&self, retries: u32, split_runs: u32) {
+        self.inference_retries.add(retries as u64, &[]);
+        self.inference_split_runs.add(split_runs as u64, &[]);
+    }
+
+    pub fn deadline_missed(&self, action: &'static str) {
+        self.deadline_missed
+            .add(1, &[KeyValue::new("action", action)]);
+    }
+
+    pub fn token_budget(&self, tokens: usize) {
+        self.token_budget.record(tokens as u64, &[]);
     }
 
     /// One event carried the unknown field `field` (an attribute built once per name).

@@ -24,6 +24,9 @@ struct Totals {
     inference_us: AtomicU64,
     pauses: AtomicU64,
     resumes: AtomicU64,
+    retries: AtomicU64,
+    split_runs: AtomicU64,
+    deadline_missed: AtomicU64,
 }
 
 /// The totals at one moment; [`Snapshot::since`] measures a stretch of a run.
@@ -39,6 +42,9 @@ pub struct Snapshot {
     pub inference_us: u64,
     pub pauses: u64,
     pub resumes: u64,
+    pub retries: u64,
+    pub split_runs: u64,
+    pub deadline_missed: u64,
 }
 
 impl Snapshot {
@@ -54,6 +60,9 @@ impl Snapshot {
             inference_us: self.inference_us - earlier.inference_us,
             pauses: self.pauses - earlier.pauses,
             resumes: self.resumes - earlier.resumes,
+            retries: self.retries - earlier.retries,
+            split_runs: self.split_runs - earlier.split_runs,
+            deadline_missed: self.deadline_missed - earlier.deadline_missed,
         }
     }
 
@@ -171,6 +180,24 @@ impl Recorder {
         self.metrics.batch(b);
     }
 
+    /// A failed batch was retried `retries` times and split into `split_runs` runs.
+    pub fn inference_recovery(&self, retries: u32, split_runs: u32) {
+        add(&self.totals.retries, retries as u64);
+        add(&self.totals.split_runs, split_runs as u64);
+        self.metrics.inference_recovery(retries, split_runs);
+    }
+
+    /// An event's deadline passed while it waited (`action`: what `deadline.action` did).
+    pub fn deadline_missed(&self, action: &'static str) {
+        add(&self.totals.deadline_missed, 1);
+        self.metrics.deadline_missed(action);
+    }
+
+    /// The batch token budget changed (out-of-memory halving or its restore).
+    pub fn token_budget(&self, tokens: usize) {
+        self.metrics.token_budget(tokens);
+    }
+
     pub fn scored(&self, pairs: usize) {
         add(&self.totals.pairs_scored, pairs as u64);
         self.metrics.scored(pairs);
@@ -202,6 +229,9 @@ impl Recorder {
             inference_us: g(&t.inference_us),
             pauses: g(&t.pauses),
             resumes: g(&t.resumes),
+            retries: g(&t.retries),
+            split_runs: g(&t.split_runs),
+            deadline_missed: g(&t.deadline_missed),
         }
     }
 

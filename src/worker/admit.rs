@@ -16,7 +16,7 @@ use super::coordinator::ToCoordinator;
 use super::finish::{Finished, Outcome, Routes, Sink};
 use super::inflight::InflightPairs;
 use crate::assemble::{CandidateMeta, EventMeta};
-use crate::config::Config;
+use crate::config::{Config, DeadlineAction};
 use crate::decode::{self, ErrorCode};
 use crate::dlq::DlqInput;
 use crate::kafka::consumer::{KafkaConsumer, RebalanceNote};
@@ -106,16 +106,37 @@ impl<S: Sink> Admitter<S> {
             &r.trace,
         );
         let _entered = span.enter();
-        let ev = match decode::decode_with(
-            r.payload,
-            &self.cfg.input.rules(),
-            &self.cfg.limits,
-            r.timestamp_ms,
-            crate::now_ms(),
-        ) {
-            Ok(ev) => ev,
-            Err(e) => return self.reject(&r, ticket, e.code, &e.message, &span),
+        let rules = self.cfg.input.rules();
+        let now_ms = crate::now_ms();
+        let decoded =
+            decode::decode_with(r.payload, &rules, &self.cfg.limits, r.timestamp_ms, now_ms);
+        let ev = match (decoded, self.cfg.deadline.action) {
+            (Ok(ev), _) => ev,
+            (Err(e), action) if e.code == ErrorCode::DeadlineExceeded => {
+                self.recorder.deadline_missed(action.as_str());
+                match action {
+                    DeadlineAction::DeadLetter => {
+                        return self.reject(&r, ticket, e.code, &e.message, &span)
+                    }
+                    DeadlineAction::Drop => return self.drop_expired(ticket, &span),
+                    DeadlineAction::ScoreAnyway => match decode::decode_without_expiry(
+                        r.payload,
+                        &rules,
+                        &self.cfg.limits,
+                        r.timestamp_ms,
+                    ) {
+                        Ok(ev) => ev,
+                        Err(e) => return self.reject(&r, ticket, e.code, &e.message, &span),
+                    },
+                }
+            }
+            (Err(e), _) => return self.reject(&r, ticket, e.code, &e.message, &span),
         };
+        // On this process's monotonic clock, for the coordinator and the batcher.
+        let deadline = ev.deadline_at_ms(r.timestamp_ms).map(|at| {
+            let left = u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0);
+            Instant::now() + Duration::from_millis(left)
+        });
         if !ev.unknown_fields.is_empty() {
             self.recorder.unknown_fields(&ev.unknown_fields);
         }
@@ -166,6 +187,7 @@ impl<S: Sink> Admitter<S> {
             min_score: ev.min_score,
             min_relevance: ev.min_relevance.or(self.cfg.output.min_relevance),
             received_at: Instant::now(),
+            deadline,
             record_ts_ms: r.timestamp_ms,
             truncated,
             chunked,
@@ -179,6 +201,17 @@ impl<S: Sink> Admitter<S> {
         let _ = self
             .coord_tx
             .send(ToCoordinator::Admit(Box::new(meta), pairs));
+    }
+
+    /// `deadline.action = "drop"`: no output, the offset completes.
+    fn drop_expired(&self, ticket: Ticket, span: &tracing::Span) {
+        self.sink.finish(Finished {
+            rec: None,
+            ticket,
+            pairs: 0,
+            outcome: Outcome::Dropped,
+            span: span.clone(),
+        });
     }
 
     fn reject(
@@ -201,7 +234,7 @@ impl<S: Sink> Admitter<S> {
         };
         let rec = self.routes.dead_letter(&d, r.headers.clone(), span);
         self.sink.finish(Finished {
-            rec,
+            rec: Some(rec),
             ticket,
             pairs: 0,
             outcome: Outcome::DeadLetter(code),
@@ -602,7 +635,7 @@ mod tests {
         {
             let done = sink.0.lock().unwrap();
             assert_eq!(done.len(), 1);
-            assert_eq!(done[0].rec.topic, "dlq");
+            assert_eq!(done[0].rec.as_ref().map(|r| r.topic.as_str()), Some("dlq"));
             assert_eq!(done[0].outcome, Outcome::DeadLetter(ErrorCode::InvalidJson));
             assert_eq!(done[0].pairs, 0);
         }

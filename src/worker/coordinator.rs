@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -13,11 +13,11 @@ use super::finish::{Finished, Outcome, Routes, Sink};
 use super::inflight::InflightPairs;
 use crate::assemble::{self, Assembler, Completed, EventMeta, ModelRef};
 use crate::batch::{Batch, Batcher, PairKey, PendingPair};
-use crate::config::Label;
+use crate::config::{DeadlineAction, Label};
 use crate::decode::ErrorCode;
 use crate::dlq::DlqInput;
 use crate::kafka::consumer::RebalanceNote;
-use crate::model::{InferError, InferRequest, InferResult};
+use crate::model::{InferError, InferRequest, InferResult, Score};
 use crate::obs::metrics::BatchRun;
 use crate::obs::recorder::Recorder;
 use crate::offsets::TopicPartition;
@@ -43,6 +43,17 @@ pub struct Coordinator<S> {
     pub inflight: Arc<InflightPairs>,
     /// True when nothing waits in the batcher or assembler (read by the shutdown drain).
     pub idle: Arc<AtomicBool>,
+    /// `batch.max_batch_tokens`, restored after an out-of-memory cooldown.
+    pub max_tokens: usize,
+    /// The smallest budget an out-of-memory failure may shrink it to (`model.max_length`).
+    pub min_tokens: usize,
+    /// `inference.oom_cooldown_ms`.
+    pub budget_cooldown: Duration,
+    pub budget_restore_at: Option<Instant>,
+    /// `deadline.action`: what an event whose deadline passes while it waits becomes.
+    pub deadline_action: DeadlineAction,
+    /// Deadlines of waiting events, earliest first (entries of events already gone are skipped).
+    pub deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
 }
 
 impl<S: Sink> Coordinator<S> {
@@ -57,6 +68,7 @@ impl<S: Sink> Coordinator<S> {
         loop {
             // Hand a batch to the model whenever its slot is free and a close condition holds.
             if permit.is_some() {
+                self.restore_budget(Instant::now());
                 let batch = if draining {
                     self.batcher.flush()
                 } else {
@@ -72,6 +84,7 @@ impl<S: Sink> Coordinator<S> {
                 Ordering::SeqCst,
             );
             let deadline = self.batcher.deadline();
+            let expiry = self.next_expiry();
             tokio::select! {
                 p = infer_tx.clone().reserve_owned(), if permit.is_none() && !self.batcher.is_empty() => {
                     match p {
@@ -80,6 +93,9 @@ impl<S: Sink> Coordinator<S> {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if permit.is_some() && deadline.is_some() && !draining => {}
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now).into()), if expiry.is_some() => {
+                    self.expire(Instant::now());
+                }
                 msg = rx.recv() => match msg {
                     Some(ToCoordinator::Admit(meta, pairs)) => self.admit(*meta, pairs),
                     Some(ToCoordinator::Rebalance(RebalanceNote::Revoked(tps))) => self.drop_revoked(&tps),
@@ -105,6 +121,11 @@ impl<S: Sink> Coordinator<S> {
     fn admit(&mut self, meta: EventMeta, pairs: Vec<(u32, EncodedPair)>) {
         let now = Instant::now();
         let id = meta.id;
+        let deadline = meta.deadline;
+        if deadline.is_some() && self.deadline_action != DeadlineAction::ScoreAnyway {
+            self.deadlines
+                .push(std::cmp::Reverse((deadline.unwrap_or(now), id)));
+        }
         for (candidate, pair) in pairs {
             self.batcher.push(PendingPair {
                 key: PairKey {
@@ -113,6 +134,7 @@ impl<S: Sink> Coordinator<S> {
                 },
                 pair,
                 enqueued: now,
+                deadline,
             });
         }
         if let Some(done) = self.assembler.insert(meta) {
@@ -129,26 +151,117 @@ impl<S: Sink> Coordinator<S> {
             elapsed: res.elapsed,
             enqueued: &res.enqueued,
         });
-        match res.scores {
-            Ok(scores) => {
-                self.recorder.scored(scores.len());
-                for done in self
-                    .assembler
-                    .record(&res.keys, &scores, res.started, res.elapsed)
-                {
-                    self.emit(done);
+        if res.retries > 0 || res.split_runs > 0 {
+            self.recorder
+                .inference_recovery(res.retries, res.split_runs);
+        }
+        if res.out_of_memory {
+            self.shrink_budget();
+        }
+        // Events with a pair that failed on its own are dead-lettered, naming the candidate;
+        // the scores of every other pair of the batch stand.
+        let mut failed: Vec<(u64, u32, InferError)> = Vec::new();
+        for (k, r) in res.keys.iter().zip(&res.scores) {
+            if let Err(e) = r {
+                if !failed.iter().any(|(id, _, _)| *id == k.event) {
+                    failed.push((k.event, k.index, e.clone()));
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, rows = res.rows, seq_len = res.seq_len, "inference failed; dead-lettering the batch's events");
-                let ids: HashSet<u64> = res.keys.iter().map(|k| k.event).collect();
-                for id in ids {
-                    self.batcher.retain(|k| k.event != id);
-                    if let Some(meta) = self.assembler.remove(id) {
-                        self.dead_letter(meta, &e);
-                    }
+        }
+        for (id, index, e) in &failed {
+            self.batcher.retain(|k| k.event != *id);
+            if let Some(meta) = self.assembler.remove(*id) {
+                let candidate = meta
+                    .candidates
+                    .get(*index as usize)
+                    .map_or("?", |c| c.id.as_str());
+                tracing::error!(error = %e, rows = res.rows, seq_len = res.seq_len, request_id = %meta.request_id, candidate, "inference failed for a pair on its own; dead-lettering its event");
+                let message = format!("candidate {candidate:?}: {e}");
+                self.dead_letter(meta, ErrorCode::InferenceFailed, &message);
+            }
+        }
+        let (keys, scores): (Vec<PairKey>, Vec<Score>) = res
+            .keys
+            .iter()
+            .zip(res.scores)
+            .filter_map(|(k, r)| Some((*k, r.ok()?)))
+            .unzip();
+        self.recorder.scored(scores.len());
+        for done in self
+            .assembler
+            .record(&keys, &scores, res.started, res.elapsed)
+        {
+            self.emit(done);
+        }
+    }
+
+    /// When the earliest deadline of a waiting event passes.
+    fn next_expiry(&mut self) -> Option<Instant> {
+        while let Some(std::cmp::Reverse((at, id))) = self.deadlines.peek().copied() {
+            if self.assembler.get(id).is_some() {
+                return Some(at);
+            }
+            self.deadlines.pop();
+        }
+        None
+    }
+
+    /// Events whose deadline has passed leave before inference: their waiting pairs are dropped,
+    /// and a batch already running for them is not waited for (its scores are ignored).
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(std::cmp::Reverse((at, id))) = self.deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(meta) = self.assembler.remove(id) else {
+                continue;
+            };
+            self.batcher.retain(|k| k.event != id);
+            self.recorder.deadline_missed(self.deadline_action.as_str());
+            let waited = now.saturating_duration_since(meta.received_at);
+            tracing::debug!(request_id = %meta.request_id, waited_ms = waited.as_millis() as u64, action = self.deadline_action.as_str(), "deadline passed while the event waited");
+            match self.deadline_action {
+                DeadlineAction::Drop => self.sink.finish(Finished {
+                    rec: None,
+                    ticket: meta.ticket,
+                    pairs: meta.pairs,
+                    outcome: Outcome::Dropped,
+                    span: meta.span,
+                }),
+                _ => {
+                    let message = format!(
+                        "deadline passed after {} ms in the worker, before its pairs were scored",
+                        waited.as_millis()
+                    );
+                    self.dead_letter(meta, ErrorCode::DeadlineExceeded, &message);
                 }
             }
+        }
+    }
+
+    /// An allocation failure halves the batch token budget (not below one pair's worth) until
+    /// `budget_cooldown` passes without another.
+    fn shrink_budget(&mut self) {
+        let before = self.batcher.max_tokens();
+        let after = (before / 2).max(self.min_tokens);
+        self.batcher.set_max_tokens(after);
+        self.budget_restore_at = Some(Instant::now() + self.budget_cooldown);
+        self.recorder.token_budget(after);
+        tracing::warn!(
+            before,
+            after,
+            cooldown_ms = self.budget_cooldown.as_millis() as u64,
+            "inference ran out of memory; batch token budget halved for a while"
+        );
+    }
+
+    fn restore_budget(&mut self, now: Instant) {
+        if self.budget_restore_at.is_some_and(|t| now >= t) {
+            self.budget_restore_at = None;
+            self.batcher.set_max_tokens(self.max_tokens);
+            self.recorder.token_budget(self.max_tokens);
+            tracing::info!(max_tokens = self.max_tokens, "batch token budget restored");
         }
     }
 
@@ -178,13 +291,20 @@ impl<S: Sink> Coordinator<S> {
 
     fn emit(&self, done: Completed) {
         if let Some(bad) = done.scores.iter().find(|s| !s.logit.is_finite()) {
-            return self.dead_letter(done.meta, &InferError::NonFinite(bad.logit));
+            let message = InferError::NonFinite(bad.logit).to_string();
+            return self.dead_letter(done.meta, ErrorCode::InferenceFailed, &message);
+        }
+        if self.deadline_action == DeadlineAction::ScoreAnyway
+            && done.meta.deadline.is_some_and(|d| Instant::now() > d)
+        {
+            self.recorder
+                .deadline_missed(DeadlineAction::ScoreAnyway.as_str());
         }
         let payload = assemble::render(&done, &self.model, &self.labels, crate::now_ms());
         let m = done.meta;
         let rec = self.routes.output(m.key, payload, m.headers, &m.span);
         self.sink.finish(Finished {
-            rec,
+            rec: Some(rec),
             ticket: m.ticket,
             pairs: m.pairs,
             outcome: Outcome::Reranked {
@@ -194,11 +314,10 @@ impl<S: Sink> Coordinator<S> {
         });
     }
 
-    fn dead_letter(&self, m: EventMeta, error: &InferError) {
-        let message = error.to_string();
+    fn dead_letter(&self, m: EventMeta, code: ErrorCode, message: &str) {
         let d = DlqInput {
-            code: ErrorCode::InferenceFailed,
-            message: &message,
+            code,
+            message,
             topic: &m.ticket.tp.topic,
             partition: m.ticket.tp.partition,
             offset: m.ticket.offset,
@@ -208,7 +327,7 @@ impl<S: Sink> Coordinator<S> {
         };
         let rec = self.routes.dead_letter(&d, m.headers.clone(), &m.span);
         self.sink.finish(Finished {
-            rec,
+            rec: Some(rec),
             ticket: m.ticket.clone(),
             pairs: m.pairs,
             outcome: Outcome::DeadLetter(d.code),
@@ -240,6 +359,11 @@ mod tests {
     }
 
     fn start(max_wait: Duration) -> Harness {
+        start_with(max_wait, 4096, DeadlineAction::DeadLetter)
+    }
+
+    /// `max_tokens` is also the budget restored 200 ms after an out-of-memory failure.
+    fn start_with(max_wait: Duration, max_tokens: usize, action: DeadlineAction) -> Harness {
         let (tx, rx) = mpsc::unbounded_channel();
         let (infer_tx, model_rx) = mpsc::channel(1);
         let (results, results_rx) = mpsc::unbounded_channel();
@@ -255,7 +379,7 @@ mod tests {
         let c = Coordinator {
             batcher: Batcher::new(BatchPolicy {
                 max_pairs: 8,
-                max_tokens: 4096,
+                max_tokens,
                 max_wait,
             }),
             assembler: Assembler::new(),
@@ -271,6 +395,12 @@ mod tests {
             recorder: h.recorder.clone(),
             inflight: h.inflight.clone(),
             idle: h.idle.clone(),
+            max_tokens,
+            min_tokens: 5,
+            budget_cooldown: Duration::from_millis(200),
+            budget_restore_at: None,
+            deadline_action: action,
+            deadlines: Default::default(),
         };
         tokio::spawn(c.run(rx, infer_tx, results_rx));
         h
@@ -279,6 +409,10 @@ mod tests {
     impl Harness {
         /// Admits event `id` of `partition` with `n` one-pair candidates, as the admission loop does.
         fn admit(&self, id: u64, partition: i32, n: usize) {
+            self.admit_due(id, partition, n, None)
+        }
+
+        fn admit_due(&self, id: u64, partition: i32, n: usize, deadline: Option<Instant>) {
             let meta = EventMeta {
                 id,
                 ticket: Ticket {
@@ -305,6 +439,7 @@ mod tests {
                 min_score: None,
                 min_relevance: None,
                 received_at: Instant::now(),
+                deadline,
                 record_ts_ms: None,
                 truncated: 0,
                 chunked: 0,
@@ -338,10 +473,26 @@ mod tests {
 
         /// Answers a batch as the inference thread would.
         fn reply(&self, req: InferRequest, scores: Result<Vec<Score>, InferError>) {
+            let rows = match scores {
+                Ok(s) => s.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e); req.keys.len()],
+            };
+            self.reply_rows(req, rows, false)
+        }
+
+        fn reply_rows(
+            &self,
+            req: InferRequest,
+            scores: Vec<Result<Score, InferError>>,
+            out_of_memory: bool,
+        ) {
             self.results
                 .send(InferResult {
                     keys: req.keys,
                     scores,
+                    retries: 0,
+                    split_runs: 0,
+                    out_of_memory,
                     started: Instant::now(),
                     elapsed: Duration::from_millis(1),
                     enqueued: req.enqueued,
@@ -406,6 +557,105 @@ mod tests {
         assert_eq!(
             h.finished(2).await,
             vec![("dlq".to_string(), dead), ("dlq".to_string(), dead)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pair_that_fails_alone_dead_letters_only_its_event_naming_the_candidate() {
+        let mut h = start(Duration::from_millis(5));
+        h.admit(1, 0, 2);
+        h.admit(2, 0, 3);
+        let req = h.next_batch().await;
+        assert_eq!(req.keys.len(), 5);
+        let bad = PairKey { event: 2, index: 1 };
+        let rows = req
+            .keys
+            .iter()
+            .map(|k| {
+                if *k == bad {
+                    Err(InferError::Run("poisoned".into()))
+                } else {
+                    Ok(scores(1, 1.0)[0])
+                }
+            })
+            .collect();
+        h.reply_rows(req, rows, false);
+        let mut done = h.finished(2).await;
+        done.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            done,
+            vec![
+                (
+                    "dlq".to_string(),
+                    Outcome::DeadLetter(ErrorCode::InferenceFailed)
+                ),
+                ("out".to_string(), Outcome::Reranked { record_ts_ms: None }),
+            ]
+        );
+        let v = h.sink.0.lock().unwrap();
+        let dlq = v
+            .iter()
+            .find_map(|f| f.rec.as_ref().filter(|r| r.topic == "dlq"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&dlq.payload);
+        assert!(text.contains(r#"candidate \"c1\": poisoned"#), "{text}");
+        assert_eq!(h.recorder.snapshot().pairs_scored, 4);
+    }
+
+    #[tokio::test]
+    async fn out_of_memory_halves_the_token_budget_until_the_cooldown_passes() {
+        // Pairs are 5 tokens: a 40-token budget holds 8 of them, a halved one 4.
+        let mut h = start_with(Duration::from_millis(1), 40, DeadlineAction::DeadLetter);
+        h.admit(1, 0, 8);
+        let req = h.next_batch().await;
+        assert_eq!(req.keys.len(), 8);
+        let rows = (0..8).map(|_| Ok(scores(1, 0.0)[0])).collect();
+        h.reply_rows(req, rows, true);
+        assert_eq!(h.finished(1).await.len(), 1, "the result was handled");
+        h.admit(2, 0, 8);
+        let req = h.next_batch().await;
+        assert_eq!(req.keys.len(), 4, "budget halved");
+        h.reply(req, Ok(scores(4, 0.0)));
+        let req = h.next_batch().await;
+        assert_eq!(req.keys.len(), 4);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        h.admit(3, 0, 8);
+        h.reply(req, Ok(scores(4, 0.0)));
+        let req = h.next_batch().await;
+        assert_eq!(req.keys.len(), 8, "budget restored after the cooldown");
+    }
+
+    /// The model is busy with event 1, so event 2 waits past its deadline.
+    async fn expire_behind_a_busy_model(action: DeadlineAction) -> Vec<(String, Outcome)> {
+        let mut h = start_with(Duration::from_millis(1), 4096, action);
+        h.admit(1, 0, 8);
+        // Event 1's batch fills the model's one-slot queue; nothing else is handed over.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        h.admit_due(2, 0, 2, Some(Instant::now() + Duration::from_millis(30)));
+        h.admit(3, 0, 1);
+        let done = h.finished(1).await;
+        assert_eq!(h.recorder.snapshot().deadline_missed, 1);
+        let busy = h.next_batch().await;
+        assert!(busy.keys.iter().all(|k| k.event == 1));
+        // The expired event's pairs left the pool: the next batch holds event 3 only.
+        h.reply(busy, Ok(scores(8, 0.0)));
+        let next = h.next_batch().await;
+        assert!(next.keys.iter().all(|k| k.event == 3), "{:?}", next.keys);
+        done
+    }
+
+    #[tokio::test]
+    async fn an_event_whose_deadline_passes_while_queued_leaves_before_inference() {
+        assert_eq!(
+            expire_behind_a_busy_model(DeadlineAction::DeadLetter).await,
+            vec![(
+                "dlq".to_string(),
+                Outcome::DeadLetter(ErrorCode::DeadlineExceeded)
+            )]
+        );
+        assert_eq!(
+            expire_behind_a_busy_model(DeadlineAction::Drop).await,
+            vec![("(none)".to_string(), Outcome::Dropped)]
         );
     }
 

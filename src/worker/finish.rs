@@ -18,13 +18,18 @@ use crate::decode::ErrorCode;
 /// How an event ended, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Reranked { record_ts_ms: Option<i64> },
+    Reranked {
+        record_ts_ms: Option<i64>,
+    },
     DeadLetter(ErrorCode),
+    /// Its deadline passed and `deadline.action = "drop"`: nothing published.
+    Dropped,
 }
 
 /// An event's output, ready to produce.
 pub struct Finished {
-    pub rec: OutRecord,
+    /// `None` for a dropped event: only its offset completes.
+    pub rec: Option<OutRecord>,
     pub ticket: Ticket,
     /// Its pairs, given back to the in-flight count once it is done.
     pub pairs: usize,
@@ -137,9 +142,11 @@ impl Sink for Finisher {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if this.egress.send(&rec).await == Delivery::Fatal {
-                // Not written: the offset stays uncommitted and the worker is stopping.
-                return;
+            if let Some(rec) = &rec {
+                if this.egress.send(rec).await == Delivery::Fatal {
+                    // Not written: the offset stays uncommitted and the worker is stopping.
+                    return;
+                }
             }
             drop(span);
             let point = this.tracker.lock().complete(&ticket);
@@ -157,6 +164,7 @@ impl Finisher {
         match outcome {
             Outcome::Reranked { record_ts_ms } => self.recorder.produced(record_ts_ms),
             Outcome::DeadLetter(code) => self.recorder.dead_lettered(code),
+            Outcome::Dropped => {}
         }
     }
 }

@@ -261,8 +261,8 @@ impl Worker {
         let (infer_tx, infer_rx) = mpsc::channel::<InferRequest>(1);
         let (result_tx, result_rx) = mpsc::unbounded_channel::<InferResult>();
         let pad_id = tokenizer.pad_id();
-        let infer_thread =
-            model::spawn(scorer, infer_rx, result_tx).context("cannot start inference thread")?;
+        let infer_thread = model::spawn(scorer, retry_policy(&cfg), infer_rx, result_tx)
+            .context("cannot start inference thread")?;
 
         let coord_idle = Arc::new(AtomicBool::new(true));
         let coordinator = Coordinator {
@@ -280,6 +280,12 @@ impl Worker {
             recorder: recorder.clone(),
             inflight: inflight.clone(),
             idle: coord_idle.clone(),
+            max_tokens: cfg.batch.max_batch_tokens,
+            min_tokens: cfg.model.max_length,
+            budget_cooldown: Duration::from_millis(cfg.inference.oom_cooldown_ms),
+            budget_restore_at: None,
+            deadline_action: cfg.deadline.action,
+            deadlines: Default::default(),
         };
         let coord_task = tokio::spawn(coordinator.run(coord_rx, infer_tx, result_rx));
 
@@ -471,5 +477,12 @@ async fn wait_until(
             }
             None => poll.await,
         }
+    }
+}
+
+fn retry_policy(cfg: &Config) -> model::isolate::RetryPolicy {
+    model::isolate::RetryPolicy {
+        max_retries: cfg.inference.max_retries,
+        backoff: Duration::from_millis(cfg.inference.retry_backoff_ms),
     }
 }

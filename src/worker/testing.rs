@@ -22,7 +22,12 @@ impl Sink for Collect {
 impl Collect {
     pub fn topics(&self) -> Vec<(String, Outcome)> {
         let v = self.0.lock().unwrap();
-        v.iter().map(|f| (f.rec.topic.clone(), f.outcome)).collect()
+        v.iter()
+            .map(|f| {
+                let topic = f.rec.as_ref().map_or("(none)", |r| r.topic.as_str());
+                (topic.to_string(), f.outcome)
+            })
+            .collect()
     }
 }
 

@@ -131,6 +131,7 @@ fn score_event(
                 },
                 pair,
                 enqueued: now,
+                deadline: None,
             });
         }
     }
