@@ -583,3 +583,200 @@ fn contract_options_round_trip() {
     names.sort();
     assert_eq!(names, ["candidates[].url", "tenant"], "{logged:?}");
 }
+
+/// One pair that makes the model fail, among good traffic: a model that fails at run time on one
+/// token (tests/common/poison.rs), one candidate of one event holding that token. Only that event
+/// is dead-lettered, naming the candidate; every other event is answered with the reference scores.
+#[test]
+fn a_pair_that_fails_inference_alone_dead_letters_only_its_event() {
+    let max_length = 32;
+    let word = "zeppelin";
+    let tok: Value = serde_json::from_slice(
+        &std::fs::read(model_dir().join("tokenizer.json")).expect("tokenizer.json"),
+    )
+    .expect("tokenizer json");
+    let sentinel = tok["model"]["vocab"][word]
+        .as_i64()
+        .expect("the sentinel is one token");
+    let mut events = scifact_events(30, 10);
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.to_string().to_lowercase().contains(word)),
+        "the good traffic must not hold the sentinel"
+    );
+    let poisoned = events[15]["request_id"].as_str().unwrap().to_string();
+    let bad_candidate = events[15]["candidates"][3]["id"].clone();
+    let text = events[15]["candidates"][3]["text"].as_str().unwrap();
+    events[15]["candidates"][3]["text"] = json!(format!("{word} {text}"));
+
+    let dir = std::env::temp_dir().join(unique("poisoned-model"));
+    common::poison::write_poisoned_model(&model_dir(), &dir, sentinel);
+    let Backlog {
+        bootstrap: bs,
+        topics: t,
+        broker: _broker,
+        ..
+    } = backlog("poison", 2, &events);
+    let mut w = WorkerProc::spawn(
+        &bs,
+        &t,
+        &[
+            format!("model.dir={:?}", dir.display().to_string()),
+            format!("model.max_length={max_length}"),
+            "batch.max_batch_pairs=32".into(),
+            "batch.max_wait_ms=50".into(),
+            "inference.retry_backoff_ms=10".into(),
+        ],
+    );
+    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(600), |r| {
+        r.len() >= events.len()
+    });
+    assert_eq!(
+        w.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(recs.len(), events.len(), "one record per event");
+
+    let dead: Vec<Value> = recs
+        .iter()
+        .filter(|r| r.topic == t.dlq)
+        .map(|r| r.json())
+        .collect();
+    assert_eq!(
+        dead.len(),
+        1,
+        "only the poisoned event is dead-lettered: {dead:?}"
+    );
+    let d = &dead[0];
+    assert_eq!(d["error"]["code"], "inference_failed", "{d}");
+    let message = d["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(&format!("candidate {bad_candidate}"))
+            && message.contains("out of data bounds"),
+        "{message}"
+    );
+    let payload: Value =
+        serde_json::from_str(d["payload"]["data"].as_str().expect("payload")).expect("json");
+    assert_eq!(payload["request_id"].as_str(), Some(poisoned.as_str()));
+
+    // The poisoned pair shared its batch with others, which were scored after the split.
+    let stopped = w.logged("stopped");
+    assert_eq!(
+        stopped[0]["inference_retries"].as_u64(),
+        Some(2),
+        "inference.max_retries"
+    );
+    assert!(
+        stopped[0]["inference_split_runs"].as_u64().unwrap_or(0) >= 2,
+        "{}",
+        stopped[0]
+    );
+
+    let by_id: HashMap<String, &Value> = events
+        .iter()
+        .map(|e| (e["request_id"].as_str().unwrap().to_string(), e))
+        .collect();
+    let (mut pairs, mut got) = (Vec::new(), Vec::new());
+    for r in recs.iter().filter(|r| r.topic == t.output) {
+        let out = r.json();
+        let input = by_id[out["request_id"].as_str().expect("request_id")];
+        assert_eq!(out["results"].as_array().map(Vec::len), Some(5));
+        for res in out["results"].as_array().unwrap() {
+            let orig = res["original_rank"].as_u64().unwrap() as usize - 1;
+            pairs.push((
+                input["query"].as_str().unwrap().to_string(),
+                input["candidates"][orig]["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            ));
+            got.push(res["score"].as_f64().unwrap());
+        }
+    }
+    assert_eq!(got.len(), (events.len() - 1) * 5);
+    let reference = reference_scores(&pairs, max_length);
+    let worst = got
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst <= PARITY_TOL, "max |pipeline - reference| = {worst}");
+}
+
+/// Deadlines are honoured while events wait: a burst of 60 events × 10 candidates, each with 3 s
+/// to live from its production, is far more work than 3 s of the real model on this machine. The
+/// events that are not scored in time leave the queue as `deadline_exceeded` dead letters (not at
+/// decode: they were read in time), the others are answered, and nothing is lost.
+#[test]
+fn events_whose_deadline_passes_in_the_queue_are_dead_lettered_before_inference() {
+    let rt = rt();
+    let broker = TansuBroker::start().expect("broker");
+    let bs = broker.bootstrap();
+    let t = Topics::new("deadline");
+    rt.block_on(t.create(&bs, 2));
+    let mut w = WorkerProc::spawn(
+        &bs,
+        &t,
+        &[
+            "model.max_length=128".into(),
+            "batch.max_batch_pairs=16".into(),
+            "batch.max_wait_ms=20".into(),
+        ],
+    );
+    assert!(
+        w.wait_partitions(Duration::from_secs(120)),
+        "{}",
+        w.log_text()
+    );
+    let mut events = scifact_events(60, 10);
+    for e in &mut events {
+        e["deadline_ms"] = json!(3000);
+    }
+    let inputs: Vec<Input> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Input::json(&format!("k{i}"), e, i as i32 % 2))
+        .collect();
+    rt.block_on(produce(&bs, &t.input, &inputs));
+    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(300), |r| {
+        r.len() >= events.len()
+    });
+    assert_eq!(
+        w.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    assert_eq!(recs.len(), events.len(), "one record per event");
+    let outputs = recs.iter().filter(|r| r.topic == t.output).count();
+    let dead: Vec<Value> = recs
+        .iter()
+        .filter(|r| r.topic == t.dlq)
+        .map(|r| r.json())
+        .collect();
+    assert!(outputs > 0, "the first events are scored in time");
+    assert!(
+        !dead.is_empty(),
+        "60 × 10 pairs of 128 tokens take more than 3 s here"
+    );
+    for d in &dead {
+        assert_eq!(d["error"]["code"], "deadline_exceeded", "{d}");
+        let m = d["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            m.contains("before its pairs were scored"),
+            "left the queue, not refused at decode: {m}"
+        );
+    }
+    let stopped = w.logged("stopped");
+    assert_eq!(
+        stopped[0]["deadline_missed"].as_u64(),
+        Some(dead.len() as u64)
+    );
+    // Expired pairs never reached the model.
+    let scored = stopped[0]["pairs_scored"].as_u64().expect("pairs_scored");
+    assert!(scored < 600, "{scored} pairs scored");
+}

@@ -249,6 +249,9 @@ impl Recorder {
             inference_s = s.inference_us as f64 / 1e6,
             pauses = s.pauses,
             resumes = s.resumes,
+            inference_retries = s.retries,
+            inference_split_runs = s.split_runs,
+            deadline_missed = s.deadline_missed,
             "{what}"
         );
     }

@@ -17,6 +17,8 @@ use serde_json::Value;
 #[allow(unused_imports)]
 pub use reranker::broker::{create_topics, TansuBroker};
 
+pub mod poison;
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
