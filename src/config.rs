@@ -572,6 +572,12 @@ impl Config {
         if self.batch.max_batch_pairs == 0 {
             return bad("batch.max_batch_pairs", "must be at least 1");
         }
+        if self.inference.max_retries > 10 {
+            return bad(
+                "inference.max_retries",
+                "must be at most 10 (each retry holds the model)",
+            );
+        }
         if self.batch.max_batch_tokens < self.model.max_length {
             return bad(
                 "batch.max_batch_tokens",

@@ -174,6 +174,14 @@ fn errors_name_the_offending_key() {
         ),
         ("[input]\nstrict = \"yes\"\n".into(), "input.strict"),
         (
+            "[inference]\nmax_retries = 11\n".into(),
+            "inference.max_retries",
+        ),
+        (
+            "[deadline]\naction = \"ignore\"\n".into(),
+            "deadline.action",
+        ),
+        (
             "[output]\nmin_relevance = 1.5\n".into(),
             "output.min_relevance",
         ),
@@ -294,4 +302,27 @@ min_relevance = 0.7
     );
     assert_eq!(get(&t, "input.text_template").as_str(), Some("{title}"));
     assert_eq!(get(&t, "input.strict").as_bool(), Some(true));
+}
+
+#[test]
+fn inference_and_deadline_keys() {
+    let defaults = effective(&["config"], &[]);
+    assert_eq!(
+        get(&defaults, "inference.max_retries").as_integer(),
+        Some(2)
+    );
+    assert_eq!(
+        get(&defaults, "inference.oom_cooldown_ms").as_integer(),
+        Some(60000)
+    );
+    assert_eq!(
+        get(&defaults, "deadline.action").as_str(),
+        Some("dead_letter")
+    );
+    let t = effective(
+        &["config", "--set", "deadline.action=\"score_anyway\""],
+        &[("RERANKER_INFERENCE__MAX_RETRIES", "0")],
+    );
+    assert_eq!(get(&t, "deadline.action").as_str(), Some("score_anyway"));
+    assert_eq!(get(&t, "inference.max_retries").as_integer(), Some(0));
 }
