@@ -32,6 +32,7 @@ pub struct EventMeta {
     pub received_at: Instant,
     /// When the event's `deadline_ms` runs out, on this process's clock.
     pub deadline: Option<Instant>,
+    pub lane: crate::batch::Lane,
     pub record_ts_ms: Option<i64>,
     pub truncated: u32,
     /// Candidates scored as several windows (`model.long_passages = "chunk_max"`).

@@ -34,6 +34,16 @@ pub struct PendingPair {
     pub enqueued: Instant,
     /// The event's deadline, if it has one.
     pub deadline: Option<Instant>,
+    pub lane: Lane,
+}
+
+/// Scheduling lane of an event's pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    #[default]
+    Interactive,
+    Bulk,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,6 +51,8 @@ pub struct BatchPolicy {
     pub max_pairs: usize,
     pub max_tokens: usize,
     pub max_wait: Duration,
+    /// How much longer than `max_wait` a bulk pair may be passed over by interactive ones.
+    pub bulk_delay: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,15 +91,18 @@ impl Batch {
     }
 }
 
+enum Selection {
+    All,
+    /// Pool index of the overdue bulk pair that must lead.
+    Overdue(usize),
+    /// Pool indices of the interactive pairs.
+    InteractiveFirst(Vec<usize>),
+}
+
 pub struct Batcher {
     policy: BatchPolicy,
     /// In arrival order, so `pool[0]` is always the oldest.
     pool: Vec<PendingPair>,
-}
-
-struct Window {
-    start: usize,
-    end: usize,
 }
 
 impl Batcher {
@@ -134,19 +149,19 @@ impl Batcher {
     pub fn poll(&mut self, now: Instant) -> Option<Batch> {
         let oldest = self.pool.first()?;
         let timed_out = now >= oldest.enqueued + self.policy.max_wait;
-        let (order, window) = self.choose();
-        let count = window.end - window.start;
+        let chosen = self.choose(self.select(now));
+        let count = chosen.len();
         let reason = if count >= self.policy.max_pairs {
             CloseReason::Full
         } else if count < self.pool.len() {
-            // Fewer than max_pairs taken although more wait: the token budget stopped the window.
+            // Fewer than max_pairs taken although more wait: the token budget stopped the batch.
             CloseReason::Tokens
         } else if timed_out {
             CloseReason::Timeout
         } else {
             return None;
         };
-        Some(self.take(order, window, reason))
+        Some(self.take(chosen, reason))
     }
 
     /// A batch regardless of timers (shutdown drain); `None` when empty.
@@ -154,30 +169,50 @@ impl Batcher {
         if self.pool.is_empty() {
             return None;
         }
-        let (order, window) = self.choose();
-        Some(self.take(order, window, CloseReason::Drain))
+        let chosen = self.choose(Selection::All);
+        Some(self.take(chosen, CloseReason::Drain))
     }
 
-    /// Index of the pair whose time runs out first (ties: the earlier arrival).
-    fn most_urgent(&self) -> usize {
-        let wait = self.policy.max_wait;
-        let due = |p: &PendingPair| {
-            let limit = p.enqueued + wait;
-            p.deadline.map_or(limit, |d| d.min(limit))
-        };
-        let mut best = 0;
-        for (i, p) in self.pool.iter().enumerate().skip(1) {
-            if due(p) < due(&self.pool[best]) {
-                best = i;
+    /// Which pairs the next batch is built from. A bulk pair that has waited `max_wait` +
+    /// `bulk_delay` (the oldest such) leads it, among all pairs: the starvation bound. Otherwise,
+    /// when both lanes wait, the batch is built around the interactive pairs (and filled up with
+    /// bulk ones); with one lane, around the most urgent pair.
+    fn select(&self, now: Instant) -> Selection {
+        let bulk_limit = self.policy.max_wait + self.policy.bulk_delay;
+        let (mut interactive, mut bulk) = (Vec::new(), false);
+        for (i, p) in self.pool.iter().enumerate() {
+            match p.lane {
+                Lane::Interactive => interactive.push(i),
+                Lane::Bulk if now >= p.enqueued + bulk_limit => return Selection::Overdue(i),
+                Lane::Bulk => bulk = true,
             }
         }
-        best
+        if bulk && !interactive.is_empty() {
+            Selection::InteractiveFirst(interactive)
+        } else {
+            Selection::All
+        }
     }
 
-    /// Sorts pool indices by length and picks the window holding the oldest pair that takes the most
-    /// pairs within both budgets, wasting the fewest padded tokens among those.
-    fn choose(&self) -> (Vec<usize>, Window) {
-        let mut order: Vec<usize> = (0..self.pool.len()).collect();
+    /// When a pair's time runs out: its wait limit (later for bulk pairs) or its deadline.
+    fn due(&self, p: &PendingPair) -> Instant {
+        let mut limit = p.enqueued + self.policy.max_wait;
+        if p.lane == Lane::Bulk {
+            limit += self.policy.bulk_delay;
+        }
+        p.deadline.map_or(limit, |d| d.min(limit))
+    }
+
+    /// Picks the pool indices of the next batch: among the selected pairs, the length-sorted
+    /// window through the leading (else the most urgent) pair that takes the most pairs within both
+    /// budgets, wasting the fewest padded tokens among those; then, if room is left, the other
+    /// pairs closest in length that still fit.
+    fn choose(&self, selection: Selection) -> Vec<usize> {
+        let (mut order, lead, lane_first) = match selection {
+            Selection::All => ((0..self.pool.len()).collect(), None, false),
+            Selection::Overdue(i) => ((0..self.pool.len()).collect(), Some(i), false),
+            Selection::InteractiveFirst(v) => (v, None, true),
+        };
         // Stable sort keeps arrival order among equal lengths.
         order.sort_by_key(|&i| self.pool[i].pair.len());
         let lens: Vec<usize> = order.iter().map(|&i| self.pool[i].pair.len()).collect();
@@ -186,15 +221,20 @@ impl Batcher {
         for l in &lens {
             prefix.push(prefix.last().copied().unwrap_or(0) + l);
         }
-        let urgent = self.most_urgent();
-        let k = order.iter().position(|&i| i == urgent).unwrap_or(0);
+        let mut k = 0;
+        for (pos, &i) in order.iter().enumerate() {
+            if lead == Some(i) {
+                k = pos;
+                break;
+            }
+            if lead.is_none() && self.due(&self.pool[i]) < self.due(&self.pool[order[k]]) {
+                k = pos;
+            }
+        }
         let n = lens.len();
         let (max_pairs, max_tokens) = (self.policy.max_pairs, self.policy.max_tokens);
 
-        let mut best = Window {
-            start: k,
-            end: k + 1,
-        };
+        let (mut best_start, mut best_end) = (k, k + 1);
         let mut best_waste = 0usize;
         let lo = (k + 1).saturating_sub(max_pairs);
         for start in lo..=k {
@@ -206,25 +246,46 @@ impl Batcher {
             }
             let count = end - start;
             if count * lens[end - 1] > max_tokens && count > 1 {
-                continue; // even the shortest window through the oldest pair is over budget
+                continue; // even the shortest window through the urgent pair is over budget
             }
             let waste = count * lens[end - 1] - (prefix[end] - prefix[start]);
-            let best_count = best.end - best.start;
+            let best_count = best_end - best_start;
             if count > best_count || (count == best_count && waste < best_waste) {
-                best = Window { start, end };
+                (best_start, best_end) = (start, end);
                 best_waste = waste;
             }
         }
-        (order, best)
+        let mut chosen = order[best_start..best_end].to_vec();
+        if lane_first && chosen.len() < max_pairs {
+            // Room left: fill it with bulk pairs, closest in length first, within the budget.
+            let mut seq = lens[best_end - 1];
+            let mut first = vec![false; self.pool.len()];
+            for &i in &order {
+                first[i] = true;
+            }
+            let mut rest: Vec<usize> = (0..self.pool.len()).filter(|&i| !first[i]).collect();
+            rest.sort_by_key(|&i| self.pool[i].pair.len().abs_diff(seq));
+            for i in rest {
+                if chosen.len() >= max_pairs {
+                    break;
+                }
+                let len = self.pool[i].pair.len();
+                if (chosen.len() + 1) * seq.max(len) <= max_tokens {
+                    seq = seq.max(len);
+                    chosen.push(i);
+                }
+            }
+        }
+        chosen
     }
 
-    fn take(&mut self, order: Vec<usize>, w: Window, reason: CloseReason) -> Batch {
+    fn take(&mut self, indices: Vec<usize>, reason: CloseReason) -> Batch {
         let mut chosen = vec![false; self.pool.len()];
-        for &i in &order[w.start..w.end] {
+        for &i in &indices {
             chosen[i] = true;
         }
-        let mut taken = Vec::with_capacity(w.end - w.start);
-        let mut rest = Vec::with_capacity(self.pool.len() - (w.end - w.start));
+        let mut taken = Vec::with_capacity(indices.len());
+        let mut rest = Vec::with_capacity(self.pool.len() - indices.len());
         for (i, p) in std::mem::take(&mut self.pool).into_iter().enumerate() {
             if chosen[i] {
                 taken.push(p);
@@ -259,6 +320,7 @@ mod tests {
             },
             enqueued: at,
             deadline: None,
+            lane: Lane::Interactive,
         }
     }
 
@@ -267,6 +329,14 @@ mod tests {
             max_pairs,
             max_tokens,
             max_wait: Duration::from_millis(wait_ms),
+            bulk_delay: Duration::from_millis(500),
+        }
+    }
+
+    fn bulk(event: u64, len: usize, at: Instant) -> PendingPair {
+        PendingPair {
+            lane: Lane::Bulk,
+            ..pair(event, len, at)
         }
     }
 
@@ -417,6 +487,54 @@ mod tests {
         b.push(relaxed);
         let batch = b.poll(t0).expect("full");
         assert!(batch.pairs.iter().all(|p| p.pair.len() == 10));
+    }
+
+    #[test]
+    fn interactive_pairs_go_first_and_bulk_pairs_fill_the_rest() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Batcher::new(policy(8, 100_000, 10));
+        for i in 0..40 {
+            b.push(bulk(i, 20 + (i as usize % 5), t0)); // an older bulk backlog
+        }
+        for i in 100..103 {
+            b.push(pair(i, 22, t0 + ms(5)));
+        }
+        let batch = b.poll(t0 + ms(20)).expect("full");
+        assert_eq!(batch.reason, CloseReason::Full);
+        let interactive = batch.pairs.iter().filter(|p| p.key.event >= 100).count();
+        assert_eq!(
+            interactive, 3,
+            "every interactive pair is in the next batch"
+        );
+        // The bulk fill is the closest in length to the interactive pairs.
+        assert!(batch
+            .pairs
+            .iter()
+            .all(|p| (21..=23).contains(&p.pair.len())));
+        assert_eq!(b.len(), 35);
+    }
+
+    #[test]
+    fn a_bulk_pair_waits_at_most_bulk_delay_longer() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let setup = || {
+            let mut b = Batcher::new(policy(4, 100_000, 10));
+            b.push(bulk(0, 300, t0)); // long: never a length neighbour of the interactive pairs
+            for i in 1..20 {
+                b.push(pair(i, 10, t0 + ms(1)));
+            }
+            b
+        };
+        // Before max_wait + bulk_delay (510 ms) the interactive pairs go first...
+        let mut b = setup();
+        let batch = b.poll(t0 + ms(400)).expect("full");
+        assert!(batch.pairs.iter().all(|p| p.key.event != 0));
+        // ...after it, the bulk pair is overdue and leads the next batch.
+        let mut b = setup();
+        let batch = b.poll(t0 + ms(510)).expect("full");
+        assert!(batch.pairs.iter().any(|p| p.key.event == 0));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub inference: InferenceConfig,
     pub deadline: DeadlineConfig,
+    pub priority: PriorityConfig,
     pub limits: LimitsConfig,
     pub input: InputConfig,
     pub flow: FlowConfig,
@@ -157,6 +158,51 @@ impl DeadlineAction {
 #[serde(deny_unknown_fields, default)]
 pub struct DeadlineConfig {
     pub action: DeadlineAction,
+}
+
+/// Scheduling lanes: interactive pairs are batched before bulk ones (backfills, replays).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityConfig {
+    /// Record header read when an event has no `priority` field (same values); empty: none.
+    pub header: String,
+    /// Lane of an event that names no priority.
+    pub default: crate::batch::Lane,
+    /// Levels 0–9 at or above this are interactive, below it bulk (10: every level is bulk).
+    pub interactive_from: u8,
+    /// The starvation bound: a bulk pair is passed over by interactive ones for at most this
+    /// long beyond `batch.max_wait_ms`.
+    pub bulk_max_delay_ms: u64,
+}
+
+impl Default for PriorityConfig {
+    fn default() -> Self {
+        Self {
+            header: "priority".into(),
+            default: crate::batch::Lane::Interactive,
+            interactive_from: 5,
+            bulk_max_delay_ms: 1000,
+        }
+    }
+}
+
+impl PriorityConfig {
+    /// An event's lane: its `priority` field, else the header, else `default`.
+    pub fn lane(
+        &self,
+        field: Option<crate::decode::Priority>,
+        header: Option<&[u8]>,
+    ) -> crate::batch::Lane {
+        use crate::batch::Lane;
+        use crate::decode::Priority;
+        match field.or_else(|| header.and_then(Priority::from_header)) {
+            Some(Priority::Interactive) => Lane::Interactive,
+            Some(Priority::Bulk) => Lane::Bulk,
+            Some(Priority::Level(l)) if l >= self.interactive_from => Lane::Interactive,
+            Some(Priority::Level(_)) => Lane::Bulk,
+            None => self.default,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -572,6 +618,9 @@ impl Config {
         if self.batch.max_batch_pairs == 0 {
             return bad("batch.max_batch_pairs", "must be at least 1");
         }
+        if self.priority.interactive_from > 10 {
+            return bad("priority.interactive_from", "must be between 0 and 10");
+        }
         if self.inference.max_retries > 10 {
             return bad(
                 "inference.max_retries",
@@ -815,4 +864,34 @@ pub fn is_secret_key(k: &str) -> bool {
         .iter()
         .any(|s| k.contains(s))
         || k.ends_with(".key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Lane;
+    use crate::decode::Priority;
+
+    #[test]
+    fn an_events_lane_comes_from_its_field_then_the_header_then_the_default() {
+        let p = PriorityConfig::default();
+        assert_eq!(
+            p.lane(Some(Priority::Bulk), Some(b"interactive")),
+            Lane::Bulk
+        );
+        assert_eq!(p.lane(None, Some(b"bulk")), Lane::Bulk);
+        assert_eq!(p.lane(None, Some(b" 7 ")), Lane::Interactive);
+        assert_eq!(p.lane(Some(Priority::Level(4)), None), Lane::Bulk);
+        assert_eq!(p.lane(Some(Priority::Level(5)), None), Lane::Interactive);
+        // An unreadable header is no priority.
+        assert_eq!(p.lane(None, Some(b"urgent")), Lane::Interactive);
+        assert_eq!(p.lane(None, Some(b"12")), Lane::Interactive);
+        let all_bulk = PriorityConfig {
+            default: Lane::Bulk,
+            interactive_from: 10,
+            ..p
+        };
+        assert_eq!(all_bulk.lane(None, None), Lane::Bulk);
+        assert_eq!(all_bulk.lane(Some(Priority::Level(9)), None), Lane::Bulk);
+    }
 }

@@ -48,6 +48,8 @@ pub struct RetrievalResult {
     pub deadline_ms: Option<u64>,
     /// Milliseconds since the Unix epoch.
     pub produced_at: Option<i64>,
+    /// `"interactive"`, `"bulk"` or a level 0–9 (see `[priority]`).
+    pub priority: Option<Priority>,
     /// Fields this worker does not know and ignored (lenient mode only), each name once, at most
     /// [`MAX_UNKNOWN_PER_EVENT`]; candidate fields as `candidates[].<name>`.
     pub unknown_fields: BTreeSet<String>,
@@ -63,6 +65,57 @@ pub struct Candidate {
     pub metadata: Option<Box<RawValue>>,
     /// The `text` field and the other fields the template names, until the text is built.
     fields: Vec<(String, String)>,
+}
+
+/// An event's `priority`: a named lane or a level 0–9 (higher is more urgent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Interactive,
+    Bulk,
+    Level(u8),
+}
+
+impl Priority {
+    /// Parses a record header's value: the same words and levels as the field.
+    pub fn from_header(v: &[u8]) -> Option<Self> {
+        match std::str::from_utf8(v).ok()?.trim() {
+            "interactive" => Some(Self::Interactive),
+            "bulk" => Some(Self::Bulk),
+            n => n.parse::<u8>().ok().filter(|&l| l <= 9).map(Self::Level),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Priority;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"interactive\", \"bulk\" or an integer 0 to 9")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Priority, E> {
+                match v {
+                    "interactive" => Ok(Priority::Interactive),
+                    "bulk" => Ok(Priority::Bulk),
+                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Priority, E> {
+                match u8::try_from(v) {
+                    Ok(l) if l <= 9 => Ok(Priority::Level(l)),
+                    _ => Err(E::invalid_value(de::Unexpected::Unsigned(v), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Priority, E> {
+                match u64::try_from(v) {
+                    Ok(u) => self.visit_u64(u),
+                    Err(_) => Err(E::invalid_value(de::Unexpected::Signed(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Decodes the event object. Hand-written instead of derived so that unknown keys can be
@@ -162,6 +215,7 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
         let mut return_text: Option<Option<bool>> = None;
         let mut deadline_ms: Option<Option<u64>> = None;
         let mut produced_at: Option<Option<i64>> = None;
+        let mut priority: Option<Option<Priority>> = None;
         let (mut seen, mut unknown_fields) = (HashSet::new(), BTreeSet::new());
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
@@ -180,6 +234,7 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
                 "return_text" => set(&mut return_text, &key, &mut map)?,
                 "deadline_ms" => set(&mut deadline_ms, &key, &mut map)?,
                 "produced_at" => set(&mut produced_at, &key, &mut map)?,
+                "priority" => set(&mut priority, &key, &mut map)?,
                 _ => {
                     let k = unknown(key, self.rules, &mut seen, &mut map)?;
                     if unknown_fields.len() < MAX_UNKNOWN_PER_EVENT {
@@ -210,6 +265,7 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
             return_text: return_text.flatten(),
             deadline_ms: deadline_ms.flatten(),
             produced_at: produced_at.flatten(),
+            priority: priority.flatten(),
             unknown_fields,
         })
     }
@@ -645,6 +701,27 @@ mod tests {
         decode(Some(payload), &limits(), Some(0), 0)
             .unwrap_err()
             .code
+    }
+
+    #[test]
+    fn priority_is_a_lane_name_or_a_level_up_to_9() {
+        let ev = |p: &str| {
+            let doc = format!(
+                r#"{{"schema_version":1,"request_id":"r","query":"q","candidates":[],"priority":{p}}}"#
+            );
+            decode(Some(doc.as_bytes()), &limits(), None, 0).map(|e| e.priority)
+        };
+        assert_eq!(ev(r#""bulk""#).unwrap(), Some(Priority::Bulk));
+        assert_eq!(ev(r#""interactive""#).unwrap(), Some(Priority::Interactive));
+        assert_eq!(ev("9").unwrap(), Some(Priority::Level(9)));
+        assert_eq!(ev("null").unwrap(), None);
+        for bad in ["10", "-1", "1.5", r#""urgent""#, "true", "[]"] {
+            assert_eq!(
+                ev(bad).unwrap_err().code,
+                ErrorCode::SchemaViolation,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -751,7 +751,8 @@ fn full_event() -> Value {
         "min_relevance": 0.5,
         "return_text": true,
         "deadline_ms": 1000,
-        "produced_at": 1700000000000i64
+        "produced_at": 1700000000000i64,
+        "priority": "bulk"
     })
 }
 
@@ -761,7 +762,7 @@ fn full_event() -> Value {
 fn input_mutations_schema_agrees_with_decode() {
     let readers = Readers::new();
     let mut today = full_event();
-    for k in ["min_relevance", "return_text"] {
+    for k in ["min_relevance", "return_text", "priority"] {
         today.as_object_mut().unwrap().remove(k);
     }
     assert!(schema_accepts(
@@ -954,6 +955,7 @@ fn completed(
             min_relevance: None,
             received_at: Instant::now(),
             deadline: None,
+            lane: Default::default(),
             record_ts_ms,
             truncated: 1,
             chunked: 0,
@@ -1275,7 +1277,7 @@ fn input_schema_only_loosens() {
     }
     let mut now = load(INPUT);
     let mut then = load_from("tests/fixtures", INPUT_V1_0);
-    for k in ["min_relevance", "return_text"] {
+    for k in ["min_relevance", "return_text", "priority"] {
         now["properties"]
             .as_object_mut()
             .unwrap()

@@ -38,12 +38,21 @@ pub struct InRecord<'a> {
     pub headers: Vec<(String, Vec<u8>)>,
     /// W3C trace-context headers, whatever `output.propagate_headers` says.
     pub trace: Vec<(String, Vec<u8>)>,
+    /// The value of the `priority.header` header.
+    pub priority: Option<&'a [u8]>,
 }
 
 impl<'a> InRecord<'a> {
-    pub fn from_message(m: &'a BorrowedMessage<'_>, propagate: &[String]) -> Self {
-        let (mut headers, mut trace) = (Vec::new(), Vec::new());
+    pub fn from_message(
+        m: &'a BorrowedMessage<'_>,
+        propagate: &[String],
+        priority_header: &str,
+    ) -> Self {
+        let (mut headers, mut trace, mut priority) = (Vec::new(), Vec::new(), None);
         for h in m.headers().iter().flat_map(|hs| hs.iter()) {
+            if !priority_header.is_empty() && h.key == priority_header {
+                priority = h.value;
+            }
             if propagate
                 .iter()
                 .any(|w| w == "*" || w.eq_ignore_ascii_case(h.key))
@@ -70,6 +79,7 @@ impl<'a> InRecord<'a> {
             payload: m.payload(),
             headers,
             trace,
+            priority,
         }
     }
 }
@@ -132,6 +142,7 @@ impl<S: Sink> Admitter<S> {
             }
             (Err(e), _) => return self.reject(&r, ticket, e.code, &e.message, &span),
         };
+        let lane = self.cfg.priority.lane(ev.priority, r.priority);
         // On this process's monotonic clock, for the coordinator and the batcher.
         let deadline = ev.deadline_at_ms(r.timestamp_ms).map(|at| {
             let left = u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0);
@@ -188,6 +199,7 @@ impl<S: Sink> Admitter<S> {
             min_relevance: ev.min_relevance.or(self.cfg.output.min_relevance),
             received_at: Instant::now(),
             deadline,
+            lane,
             record_ts_ms: r.timestamp_ms,
             truncated,
             chunked,
@@ -409,7 +421,8 @@ impl<S: Sink> AdmitLoop<S> {
     }
 
     fn handle(&mut self, m: &BorrowedMessage<'_>) {
-        let r = InRecord::from_message(m, &self.admitter.cfg.output.propagate_headers);
+        let cfg = &self.admitter.cfg;
+        let r = InRecord::from_message(m, &cfg.output.propagate_headers, &cfg.priority.header);
         match self.ranges.at(&r.tp, r.offset) {
             AtRange::Past => return self.close_range(r.tp.partition),
             AtRange::AdmitLast => self.close_range(r.tp.partition),
@@ -612,6 +625,7 @@ mod tests {
             payload: Some(payload),
             headers: Vec::new(),
             trace: Vec::new(),
+            priority: None,
         }
     }
 

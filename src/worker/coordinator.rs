@@ -121,7 +121,7 @@ impl<S: Sink> Coordinator<S> {
     fn admit(&mut self, meta: EventMeta, pairs: Vec<(u32, EncodedPair)>) {
         let now = Instant::now();
         let id = meta.id;
-        let deadline = meta.deadline;
+        let (deadline, lane) = (meta.deadline, meta.lane);
         if deadline.is_some() && self.deadline_action != DeadlineAction::ScoreAnyway {
             self.deadlines
                 .push(std::cmp::Reverse((deadline.unwrap_or(now), id)));
@@ -135,6 +135,7 @@ impl<S: Sink> Coordinator<S> {
                 pair,
                 enqueued: now,
                 deadline,
+                lane,
             });
         }
         if let Some(done) = self.assembler.insert(meta) {
@@ -381,6 +382,7 @@ mod tests {
                 max_pairs: 8,
                 max_tokens,
                 max_wait,
+                bulk_delay: Duration::from_secs(1),
             }),
             assembler: Assembler::new(),
             sink: h.sink.clone(),
@@ -440,6 +442,7 @@ mod tests {
                 min_relevance: None,
                 received_at: Instant::now(),
                 deadline,
+                lane: Default::default(),
                 record_ts_ms: None,
                 truncated: 0,
                 chunked: 0,

@@ -132,6 +132,7 @@ fn score_event(
                 pair,
                 enqueued: now,
                 deadline: None,
+                lane: Default::default(),
             });
         }
     }
@@ -173,6 +174,7 @@ pub fn run(cfg: &Config, opts: &TuneOptions) -> anyhow::Result<TuneReport> {
         max_pairs: cfg.batch.max_batch_pairs,
         max_tokens: cfg.batch.max_batch_tokens,
         max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
+        bulk_delay: Duration::ZERO,
     });
     let cost_n = opts.cost_queries.clamp(1, queries.len());
     eprintln!(
