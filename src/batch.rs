@@ -51,8 +51,8 @@ pub struct BatchPolicy {
     pub max_pairs: usize,
     pub max_tokens: usize,
     pub max_wait: Duration,
-    /// How much longer than `max_wait` a bulk pair may be passed over by interactive ones.
-    pub bulk_delay: Duration,
+    /// While bulk pairs wait, how many batches in a row may hold none of them.
+    pub bulk_max_skips: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,7 @@ impl Batch {
 
 enum Selection {
     All,
-    /// Pool index of the overdue bulk pair that must lead.
+    /// Pool index of the bulk pair that must lead (the bulk lane is starved).
     Overdue(usize),
     /// Pool indices of the interactive pairs.
     InteractiveFirst(Vec<usize>),
@@ -103,6 +103,10 @@ pub struct Batcher {
     policy: BatchPolicy,
     /// In arrival order, so `pool[0]` is always the oldest.
     pool: Vec<PendingPair>,
+    /// Bulk pairs in the pool.
+    bulk_waiting: usize,
+    /// Batches in a row that held no bulk pair while bulk pairs waited.
+    bulk_skipped: u32,
 }
 
 impl Batcher {
@@ -111,10 +115,15 @@ impl Batcher {
         Self {
             policy,
             pool: Vec::new(),
+            bulk_waiting: 0,
+            bulk_skipped: 0,
         }
     }
 
     pub fn push(&mut self, p: PendingPair) {
+        if p.lane == Lane::Bulk {
+            self.bulk_waiting += 1;
+        }
         self.pool.push(p);
     }
 
@@ -143,13 +152,14 @@ impl Batcher {
     /// Drops waiting pairs (e.g. of partitions revoked in a rebalance).
     pub fn retain(&mut self, mut keep: impl FnMut(&PairKey) -> bool) {
         self.pool.retain(|p| keep(&p.key));
+        self.bulk_waiting = self.pool.iter().filter(|p| p.lane == Lane::Bulk).count();
     }
 
     /// A batch if a close condition holds at `now`.
     pub fn poll(&mut self, now: Instant) -> Option<Batch> {
         let oldest = self.pool.first()?;
         let timed_out = now >= oldest.enqueued + self.policy.max_wait;
-        let chosen = self.choose(self.select(now));
+        let chosen = self.choose(self.select());
         let count = chosen.len();
         let reason = if count >= self.policy.max_pairs {
             CloseReason::Full
@@ -173,33 +183,28 @@ impl Batcher {
         Some(self.take(chosen, CloseReason::Drain))
     }
 
-    /// Which pairs the next batch is built from. A bulk pair that has waited `max_wait` +
-    /// `bulk_delay` (the oldest such) leads it, among all pairs: the starvation bound. Otherwise,
-    /// when both lanes wait, the batch is built around the interactive pairs (and filled up with
-    /// bulk ones); with one lane, around the most urgent pair.
-    fn select(&self, now: Instant) -> Selection {
-        let bulk_limit = self.policy.max_wait + self.policy.bulk_delay;
-        let (mut interactive, mut bulk) = (Vec::new(), false);
-        for (i, p) in self.pool.iter().enumerate() {
-            match p.lane {
-                Lane::Interactive => interactive.push(i),
-                Lane::Bulk if now >= p.enqueued + bulk_limit => return Selection::Overdue(i),
-                Lane::Bulk => bulk = true,
+    /// Which pairs the next batch is built from. When `bulk_max_skips` batches in a row held no
+    /// bulk pair while bulk pairs waited, the oldest bulk pair leads the next batch, among all
+    /// pairs: the starvation bound. Otherwise, when both lanes wait, the batch is built around the
+    /// interactive pairs (and filled up with bulk ones); with one lane, around the most urgent pair.
+    fn select(&self) -> Selection {
+        let interactive: Vec<usize> = (0..self.pool.len())
+            .filter(|&i| self.pool[i].lane == Lane::Interactive)
+            .collect();
+        if self.bulk_waiting == 0 || interactive.is_empty() {
+            return Selection::All;
+        }
+        if self.bulk_skipped >= self.policy.bulk_max_skips {
+            if let Some(i) = self.pool.iter().position(|p| p.lane == Lane::Bulk) {
+                return Selection::Overdue(i);
             }
         }
-        if bulk && !interactive.is_empty() {
-            Selection::InteractiveFirst(interactive)
-        } else {
-            Selection::All
-        }
+        Selection::InteractiveFirst(interactive)
     }
 
-    /// When a pair's time runs out: its wait limit (later for bulk pairs) or its deadline.
+    /// When a pair's time runs out: its wait limit or its deadline.
     fn due(&self, p: &PendingPair) -> Instant {
-        let mut limit = p.enqueued + self.policy.max_wait;
-        if p.lane == Lane::Bulk {
-            limit += self.policy.bulk_delay;
-        }
+        let limit = p.enqueued + self.policy.max_wait;
         p.deadline.map_or(limit, |d| d.min(limit))
     }
 
@@ -257,8 +262,9 @@ impl Batcher {
         }
         let mut chosen = order[best_start..best_end].to_vec();
         if lane_first && chosen.len() < max_pairs {
-            // Room left: fill it with bulk pairs, closest in length first, within the budget.
-            let mut seq = lens[best_end - 1];
+            // Room left: fill it with bulk pairs, closest in length first, no longer than the
+            // interactive pairs (a longer one would make every row of the batch slower).
+            let seq = lens[best_end - 1];
             let mut first = vec![false; self.pool.len()];
             for &i in &order {
                 first[i] = true;
@@ -269,9 +275,7 @@ impl Batcher {
                 if chosen.len() >= max_pairs {
                     break;
                 }
-                let len = self.pool[i].pair.len();
-                if (chosen.len() + 1) * seq.max(len) <= max_tokens {
-                    seq = seq.max(len);
+                if self.pool[i].pair.len() <= seq && (chosen.len() + 1) * seq <= max_tokens {
                     chosen.push(i);
                 }
             }
@@ -294,6 +298,13 @@ impl Batcher {
             }
         }
         self.pool = rest;
+        let bulk_taken = taken.iter().filter(|p| p.lane == Lane::Bulk).count();
+        if bulk_taken > 0 {
+            self.bulk_skipped = 0;
+        } else if self.bulk_waiting > 0 {
+            self.bulk_skipped += 1;
+        }
+        self.bulk_waiting -= bulk_taken;
         taken.sort_by_key(|p| p.pair.len());
         let seq_len = taken.last().map(|p| p.pair.len()).unwrap_or(0);
         let real_tokens = taken.iter().map(|p| p.pair.len()).sum();
@@ -329,7 +340,7 @@ mod tests {
             max_pairs,
             max_tokens,
             max_wait: Duration::from_millis(wait_ms),
-            bulk_delay: Duration::from_millis(500),
+            bulk_max_skips: 2,
         }
     }
 
@@ -507,34 +518,27 @@ mod tests {
             interactive, 3,
             "every interactive pair is in the next batch"
         );
-        // The bulk fill is the closest in length to the interactive pairs.
-        assert!(batch
-            .pairs
-            .iter()
-            .all(|p| (21..=23).contains(&p.pair.len())));
+        // The bulk fill is the closest in length to the interactive pairs, and none is longer.
+        assert!(batch.pairs.iter().all(|p| p.pair.len() == 22));
         assert_eq!(b.len(), 35);
     }
 
     #[test]
-    fn a_bulk_pair_waits_at_most_bulk_delay_longer() {
+    fn at_most_bulk_max_skips_batches_in_a_row_pass_the_bulk_lane_over() {
         let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let setup = || {
-            let mut b = Batcher::new(policy(4, 100_000, 10));
-            b.push(bulk(0, 300, t0)); // long: never a length neighbour of the interactive pairs
-            for i in 1..20 {
-                b.push(pair(i, 10, t0 + ms(1)));
-            }
-            b
-        };
-        // Before max_wait + bulk_delay (510 ms) the interactive pairs go first...
-        let mut b = setup();
-        let batch = b.poll(t0 + ms(400)).expect("full");
-        assert!(batch.pairs.iter().all(|p| p.key.event != 0));
-        // ...after it, the bulk pair is overdue and leads the next batch.
-        let mut b = setup();
-        let batch = b.poll(t0 + ms(510)).expect("full");
-        assert!(batch.pairs.iter().any(|p| p.key.event == 0));
+        let mut b = Batcher::new(policy(4, 100_000, 10));
+        b.push(bulk(0, 300, t0)); // long: never a length neighbour of the interactive pairs
+        for i in 1..40 {
+            b.push(pair(i, 10, t0 + Duration::from_millis(1)));
+        }
+        let led_by_bulk: Vec<bool> = (0..6)
+            .map(|_| {
+                let batch = b.poll(t0).expect("full");
+                batch.pairs.iter().any(|p| p.key.event == 0)
+            })
+            .collect();
+        // Two batches pass it over (bulk_max_skips = 2), the third takes it; then no bulk waits.
+        assert_eq!(led_by_bulk, [false, false, true, false, false, false]);
     }
 
     #[test]

@@ -170,9 +170,9 @@ pub struct PriorityConfig {
     pub default: crate::batch::Lane,
     /// Levels 0–9 at or above this are interactive, below it bulk (10: every level is bulk).
     pub interactive_from: u8,
-    /// The starvation bound: a bulk pair is passed over by interactive ones for at most this
-    /// long beyond `batch.max_wait_ms`.
-    pub bulk_max_delay_ms: u64,
+    /// The starvation bound: while bulk pairs wait, at most this many batches in a row may hold
+    /// none of them; the next one is built around the oldest bulk pair.
+    pub bulk_max_skipped_batches: u32,
 }
 
 impl Default for PriorityConfig {
@@ -181,7 +181,7 @@ impl Default for PriorityConfig {
             header: "priority".into(),
             default: crate::batch::Lane::Interactive,
             interactive_from: 5,
-            bulk_max_delay_ms: 1000,
+            bulk_max_skipped_batches: 3,
         }
     }
 }

@@ -56,6 +56,15 @@ struct BenchArgs {
     /// Benchmark the bare session only (no broker).
     #[arg(long)]
     model_only: bool,
+    /// Priority lanes (no broker): a bulk backlog of --events × --candidates scored alone, then
+    /// with interactive events arriving every --interactive-every-ms; interactive latency vs its
+    /// bound and the backlog's throughput ratio.
+    #[arg(long)]
+    lanes: bool,
+    #[arg(long, default_value_t = 1000)]
+    interactive_every_ms: u64,
+    #[arg(long, default_value_t = 10)]
+    interactive_candidates: usize,
     /// End-to-end: events to produce (SciFact queries, cycled).
     #[arg(long, default_value_t = 100)]
     events: usize,
@@ -283,6 +292,24 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(a) => {
             let cfg = a.config.load()?;
             let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
+            if a.lanes {
+                let opts = reranker::tools::bench::LanesOptions {
+                    bulk_events: a.events,
+                    candidates: a.candidates,
+                    interactive_every: std::time::Duration::from_millis(a.interactive_every_ms),
+                    interactive_candidates: a.interactive_candidates,
+                    data: a.data.clone(),
+                };
+                let report =
+                    tokio::task::spawn_blocking(move || reranker::tools::bench::lanes(&cfg, &opts))
+                        .await??;
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    reranker::tools::bench::print_lanes(&report);
+                }
+                return Ok(());
+            }
             if !a.model_only {
                 let report = reranker::tools::bench::end_to_end(
                     cfg,

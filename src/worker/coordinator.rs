@@ -382,7 +382,7 @@ mod tests {
                 max_pairs: 8,
                 max_tokens,
                 max_wait,
-                bulk_delay: Duration::from_secs(1),
+                bulk_max_skips: 3,
             }),
             assembler: Assembler::new(),
             sink: h.sink.clone(),

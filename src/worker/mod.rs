@@ -270,7 +270,7 @@ impl Worker {
                 max_pairs: cfg.batch.max_batch_pairs,
                 max_tokens: cfg.batch.max_batch_tokens,
                 max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
-                bulk_delay: Duration::from_millis(cfg.priority.bulk_max_delay_ms),
+                bulk_max_skips: cfg.priority.bulk_max_skipped_batches,
             }),
             assembler: Assembler::new(),
             sink: finisher.clone(),

@@ -174,7 +174,7 @@ pub fn run(cfg: &Config, opts: &TuneOptions) -> anyhow::Result<TuneReport> {
         max_pairs: cfg.batch.max_batch_pairs,
         max_tokens: cfg.batch.max_batch_tokens,
         max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
-        bulk_delay: Duration::ZERO,
+        bulk_max_skips: 0,
     });
     let cost_n = opts.cost_queries.clamp(1, queries.len());
     eprintln!(
