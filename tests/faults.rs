@@ -46,20 +46,18 @@ fn wait_for_all(
     ids
 }
 
-/// Ignored until the test broker's group coordinator survives it. On tansu 0.6 with its sqlite
-/// engine (the only engine with correct watermarks, see tests/broker.rs) every restart after a
-/// SIGKILL was first handed an empty assignment (re-joined by `spawn_sole_member`), and after
-/// three or four kills the coordinator stopped answering heartbeats for over 10 s, the worker's
-/// session expired, and its re-join got `[]` for good: the backlog then waits forever. Measured
-/// in three runs on 2 cores; the worker only reports it (`/readyz`: no partitions assigned). One
-/// SIGKILL and restart stays covered by `pipeline::restart_after_sigkill_loses_nothing`.
+/// Five SIGKILLs of the only worker, each restarted at once. The worker is a static group member
+/// (`static_member`, KIP-345), as a StatefulSet pod would be: the restarted process takes the
+/// killed member's place and its partitions without waiting for a session to expire. A dynamic
+/// member restarted after a SIGKILL can be handed an empty assignment for good by tansu 0.6's
+/// group coordinator (reproduced with plain consumers in `tests/tansu_group.rs`).
 #[test]
-#[ignore = "tansu 0.6's group coordinator (sqlite engine) stops answering heartbeats after repeated SIGKILLs and leaves the restarted member without partitions; see the comment"]
 fn five_sigkills_during_a_20k_event_run_lose_nothing() {
     let n = 20_000;
     let events = tiny_events(n);
     let b = backlog("kill5", 4, &events);
-    let args = fast_args();
+    let mut args = fast_args();
+    args.extend(static_member(&format!("{}-0", b.topics.group)));
     let mut worker = WorkerProc::spawn(&b.bootstrap, &b.topics, &args);
     let mut kills = 0;
     let t0 = Instant::now();
@@ -74,12 +72,20 @@ fn five_sigkills_during_a_20k_event_run_lose_nothing() {
                 worker.kill();
                 kills += 1;
                 eprintln!("SIGKILL #{kills} at {seen} outputs, {:.0?}", t0.elapsed());
-                worker = WorkerProc::spawn_sole_member(&b.bootstrap, &b.topics, &args);
+                worker = WorkerProc::spawn(&b.bootstrap, &b.topics, &args);
+                let t = Instant::now();
+                assert!(
+                    worker.wait_partitions(Duration::from_secs(120)),
+                    "restart #{kills} was never assigned partitions\n{}",
+                    worker.log_text()
+                );
+                eprintln!("restart #{kills} assigned after {:.1?}", t.elapsed());
             }
         },
     );
     assert_eq!(kills, 5, "the run ended before five kills");
     assert_nothing_lost(&ids, n);
+    eprintln!("20k events, five SIGKILLs: {:.0?}", t0.elapsed());
 }
 
 /// Scale-out and scale-in happen at events, not at output counts: the added workers are

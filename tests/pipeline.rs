@@ -252,7 +252,9 @@ fn restart_after_sigkill_loses_nothing() {
         broker: _broker,
         ..
     } = backlog("restart", 4, &events);
-    let args = ["model.max_length=32".to_string()];
+    // A static member: the restart takes the killed member's partitions (see `static_member`).
+    let mut args = vec!["model.max_length=32".to_string()];
+    args.extend(static_member(&format!("{}-0", t.group)));
     let mut first = WorkerProc::spawn(&bs, &t, &args);
     // Kill it once part of the stream is out.
     let part = collect(&bs, &[&t.output], Duration::from_secs(300), |r| {
@@ -264,7 +266,12 @@ fn restart_after_sigkill_loses_nothing() {
         first.log_text()
     );
     first.kill();
-    let _second = WorkerProc::spawn_sole_member(&bs, &t, &args);
+    let second = WorkerProc::spawn(&bs, &t, &args);
+    assert!(
+        second.wait_partitions(Duration::from_secs(120)),
+        "the restarted worker was never assigned partitions\n{}",
+        second.log_text()
+    );
     let recs = collect(&bs, &[&t.output], Duration::from_secs(600), |r| {
         distinct_request_ids(r, &t.output).len() >= events.len()
     });

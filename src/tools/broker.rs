@@ -68,10 +68,14 @@ impl TansuBroker {
             Storage::Sqlite => "sqlite://tansu.db",
             Storage::Memory => "memory://tansu/",
         };
+        // tansu's tracing (`RUST_LOG`) writes to stdout, its panics to stderr: both to the file.
         let log = std::env::var_os("TANSU_LOG")
-            .map(|p| std::fs::File::create(p).map(Stdio::from))
-            .transpose()?
-            .unwrap_or_else(Stdio::null);
+            .map(std::fs::File::create)
+            .transpose()?;
+        let (out, err) = match log {
+            Some(f) => (Stdio::from(f.try_clone()?), Stdio::from(f)),
+            None => (Stdio::null(), Stdio::null()),
+        };
         let child = Command::new(bin)
             .args([
                 "broker",
@@ -83,8 +87,8 @@ impl TansuBroker {
                 storage,
             ])
             .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .context("cannot start tansu")?;
         let mut b = Self {

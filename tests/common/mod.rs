@@ -227,33 +227,20 @@ impl WorkerProc {
         }
         false
     }
+}
 
-    /// Starts a worker that must end up owning partitions as the group's only live member, right
-    /// after another member was SIGKILLed. tansu 0.6's group coordinator (measured on its sqlite
-    /// engine) can hand the newcomer an empty assignment while the killed member is still listed
-    /// as leader, and then never starts a new generation once that member's session expires: the
-    /// newcomer heartbeats, owns nothing, and the backlog waits forever. A real Kafka coordinator
-    /// rebalances on session expiry. Until tansu does, a newcomer left without partitions for
-    /// 45 s is killed and started again (at most 3 times); the count is printed, so a run shows
-    /// how often the broker needed it. Nothing is lost either way: the offsets are the group's.
-    pub fn spawn_sole_member(bootstrap: &str, t: &Topics, extra: &[String]) -> Self {
-        for attempt in 0..=3 {
-            let mut w = Self::spawn(bootstrap, t, extra);
-            if w.wait_partitions(Duration::from_secs(45)) {
-                if attempt > 0 {
-                    eprintln!(
-                        "tansu: the restarted worker got partitions after {attempt} re-joins"
-                    );
-                }
-                return w;
-            }
-            eprintln!(
-                "tansu: the restarted worker was left without partitions (attempt {attempt}); re-joining"
-            );
-            w.kill();
-        }
-        panic!("a restarted worker never got partitions from tansu's group coordinator");
-    }
+/// Settings that make a worker a static group member (KIP-345) named `instance`, for tests that
+/// SIGKILL a worker and start it again: the restarted process takes the killed member's place and
+/// partitions at once, as a restarted StatefulSet pod does. A restarted *dynamic* member can be
+/// handed an empty assignment for good by tansu 0.6's group coordinator (`tests/tansu_group.rs`).
+/// The session is 30 s because tansu's static JoinGroup and SyncGroup each pause 3 s without
+/// refreshing the member's last contact: with the usual 6 s a static member expires right after
+/// it joins and rebalances for ever.
+pub fn static_member(instance: &str) -> [String; 2] {
+    [
+        format!("kafka.consumer.\"group.instance.id\"=\"{instance}\""),
+        "kafka.consumer.\"session.timeout.ms\"=\"30000\"".into(),
+    ]
 }
 
 impl Drop for WorkerProc {
