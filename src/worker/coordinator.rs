@@ -19,7 +19,7 @@ use crate::kafka::consumer::RebalanceNote;
 use crate::model::{InferError, InferRequest, InferResult};
 use crate::obs::metrics::BatchRun;
 use crate::obs::recorder::Recorder;
-use crate::offsets::TopicPartition;
+use crate::offsets::{SharedTracker, TopicPartition};
 use crate::tokenize::EncodedPair;
 
 /// Messages to the coordinator, on one channel so a revoke is seen after the admissions before it.
@@ -38,6 +38,10 @@ pub struct Coordinator<S> {
     pub pad_id: u32,
     pub recorder: Arc<Recorder>,
     pub inflight: Arc<InflightPairs>,
+    /// Admission threads hand events over in any order, so an event registered before a revoke or
+    /// rewind can arrive after the coordinator dropped that partition's work: checked on arrival.
+    /// `None` where nothing is revoked (host-only bench, unit tests).
+    pub tracker: Option<SharedTracker>,
     /// True when nothing waits in the batcher or assembler (read by the shutdown drain).
     pub idle: Arc<AtomicBool>,
 }
@@ -100,6 +104,10 @@ impl<S: Sink> Coordinator<S> {
     }
 
     fn admit(&mut self, meta: EventMeta, pairs: Vec<(u32, EncodedPair)>) {
+        if let Some(false) = self.tracker.as_ref().map(|t| t.lock().is_current(&meta.ticket)) {
+            self.inflight.sub(meta.pairs);
+            return;
+        }
         let now = Instant::now();
         let id = meta.id;
         for (candidate, pair) in pairs {
@@ -266,6 +274,7 @@ mod tests {
             pad_id: 0,
             recorder: h.recorder.clone(),
             inflight: h.inflight.clone(),
+            tracker: None,
             idle: h.idle.clone(),
         };
         tokio::spawn(c.run(rx, infer_tx, results_rx));

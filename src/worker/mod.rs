@@ -39,7 +39,7 @@ pub mod inflight;
 #[cfg(test)]
 mod testing;
 
-use admit::{AdmitLoop, Admitter, Exit, Ranges};
+use admit::{AdmitLoop, AdmitPool, Admitter, Exit, Ranges};
 use coordinator::{Coordinator, ToCoordinator};
 use finish::{Commit, Finisher, Routes};
 use inflight::InflightPairs;
@@ -278,6 +278,7 @@ impl Worker {
             pad_id,
             recorder: recorder.clone(),
             inflight: inflight.clone(),
+            tracker: Some(tracker.clone()),
             idle: coord_idle.clone(),
         };
         let coord_task = tokio::spawn(coordinator.run(coord_rx, infer_tx, result_rx));
@@ -294,18 +295,23 @@ impl Worker {
             })
         };
 
+        let admitter = Admitter {
+            cfg: cfg.clone(),
+            tokenizer,
+            tracker: tracker.clone(),
+            coord_tx: coord_tx.clone(),
+            sink: finisher,
+            routes,
+            inflight,
+            recorder: recorder.clone(),
+            next_id: 0,
+        };
+        let threads = cfg.pipeline.admission_threads(&cfg.model);
+        let pool = AdmitPool::start(&admitter, threads).context("cannot start admission threads")?;
+        tracing::info!(threads, "admission threads started");
         let admit_loop = AdmitLoop {
-            admitter: Admitter {
-                cfg: cfg.clone(),
-                tokenizer,
-                tracker: tracker.clone(),
-                coord_tx: coord_tx.clone(),
-                sink: finisher,
-                routes,
-                inflight,
-                recorder: recorder.clone(),
-                next_id: 0,
-            },
+            admitter,
+            pool,
             consumer: consumer.clone(),
             health: health.clone(),
             assignments,
