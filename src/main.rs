@@ -56,6 +56,13 @@ struct BenchArgs {
     /// Benchmark the bare session only (no broker).
     #[arg(long)]
     model_only: bool,
+    /// Benchmark the host side only (decode, tokenize, batch, assemble, render; no broker, a
+    /// no-op scorer) for each `--threads`, beside the bare tokenizer on the same pairs.
+    #[arg(long)]
+    host_only: bool,
+    /// Host-only: admission thread counts (default 1, 2, … up to the cores).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
     /// End-to-end: events to produce (SciFact queries, cycled).
     #[arg(long, default_value_t = 100)]
     events: usize,
@@ -283,6 +290,30 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(a) => {
             let cfg = a.config.load()?;
             let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
+            if a.host_only {
+                let threads = if a.threads.is_empty() {
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    (1..=cores.max(2)).collect()
+                } else {
+                    a.threads.clone()
+                };
+                let opts = reranker::tools::bench::HostOptions {
+                    events: a.events,
+                    candidates: a.candidates,
+                    threads,
+                    data: a.data.clone(),
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    reranker::tools::bench::host_only(&cfg, &opts)
+                })
+                .await??;
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    reranker::tools::bench::print_host(&report);
+                }
+                return Ok(());
+            }
             if !a.model_only {
                 let report = reranker::tools::bench::end_to_end(
                     cfg,

@@ -1,7 +1,9 @@
 //! Benchmarks: the bare session ([`model`]) and the whole pipeline ([`e2e`]).
 
 pub mod e2e;
+pub mod host;
 pub mod model;
 
 pub use e2e::{end_to_end, print_e2e, E2eOptions, E2eReport};
+pub use host::{host_only, print_host, HostOptions, HostReport};
 pub use model::{check_model, model_only, print_table};
