@@ -83,7 +83,10 @@ fn reference_rows_encode_the_same_once_and_whole() {
         let q = tok.encode_query(query).expect("query");
         let once = tok.encode_with(&q, passage).expect("once");
         assert_eq!(once.pairs.len(), 1);
-        assert_eq!(once.pairs[0].ids, expected, "row {rows}: ids vs PyTorch reference");
+        assert_eq!(
+            once.pairs[0].ids, expected,
+            "row {rows}: ids vs PyTorch reference"
+        );
         let whole = tok.encode(query, passage).expect("whole");
         assert_eq!(once.pairs[0], whole, "row {rows}");
         // The mask the batcher builds is one per id: the whole encoding's mask, unpadded.
@@ -119,7 +122,15 @@ fn scifact_pairs_make_the_same_chunk_max_windows_once_and_whole() {
 fn longest_first_cuts_both_sides_when_both_are_long() {
     let tok = tokenizer(33, LongPassages::Truncate); // 30 tokens to share between the sides
     let long = |w: &str, n| vec![w; n].join(" ");
-    for (nq, np) in [(40, 41), (41, 40), (40, 40), (10, 40), (40, 10), (29, 31), (31, 29)] {
+    for (nq, np) in [
+        (40, 41),
+        (41, 40),
+        (40, 40),
+        (10, 40),
+        (40, 10),
+        (29, 31),
+        (31, 29),
+    ] {
         let (query, passage) = (long("alpha", nq), long("beta", np));
         let q = tok.encode_query(&query).expect("query");
         let once = tok.encode_with(&q, &passage).expect("once");
@@ -132,6 +143,10 @@ fn longest_first_cuts_both_sides_when_both_are_long() {
         let (query, passage) = (long("alpha", nq), long("beta", np));
         let q = even.encode_query(&query).expect("query");
         let once = even.encode_with(&q, &passage).expect("once");
-        assert_eq!(once.pairs[0], even.encode(&query, &passage).expect("whole"), "{nq} / {np}");
+        assert_eq!(
+            once.pairs[0],
+            even.encode(&query, &passage).expect("whole"),
+            "{nq} / {np}"
+        );
     }
 }

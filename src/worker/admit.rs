@@ -263,10 +263,7 @@ pub struct AdmitPool {
 type Job = (InRecord, Registered, OwnedSemaphorePermit);
 
 impl AdmitPool {
-    pub fn start<S: Sink + Clone>(
-        admitter: &Admitter<S>,
-        threads: usize,
-    ) -> std::io::Result<Self> {
+    pub fn start<S: Sink + Clone>(admitter: &Admitter<S>, threads: usize) -> std::io::Result<Self> {
         let threads = threads.max(1);
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(std::sync::Mutex::new(rx));

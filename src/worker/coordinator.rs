@@ -104,7 +104,11 @@ impl<S: Sink> Coordinator<S> {
     }
 
     fn admit(&mut self, meta: EventMeta, pairs: Vec<(u32, EncodedPair)>) {
-        if let Some(false) = self.tracker.as_ref().map(|t| t.lock().is_current(&meta.ticket)) {
+        if let Some(false) = self
+            .tracker
+            .as_ref()
+            .map(|t| t.lock().is_current(&meta.ticket))
+        {
             self.inflight.sub(meta.pairs);
             return;
         }

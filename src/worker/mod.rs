@@ -307,7 +307,8 @@ impl Worker {
             next_id: 0,
         };
         let threads = cfg.pipeline.admission_threads(&cfg.model);
-        let pool = AdmitPool::start(&admitter, threads).context("cannot start admission threads")?;
+        let pool =
+            AdmitPool::start(&admitter, threads).context("cannot start admission threads")?;
         tracing::info!(threads, "admission threads started");
         let admit_loop = AdmitLoop {
             admitter,
