@@ -249,6 +249,10 @@ mod tests {
     }
 
     fn start(max_wait: Duration) -> Harness {
+        start_with(max_wait, None)
+    }
+
+    fn start_with(max_wait: Duration, tracker: Option<SharedTracker>) -> Harness {
         let (tx, rx) = mpsc::unbounded_channel();
         let (infer_tx, model_rx) = mpsc::channel(1);
         let (results, results_rx) = mpsc::unbounded_channel();
@@ -278,7 +282,7 @@ mod tests {
             pad_id: 0,
             recorder: h.recorder.clone(),
             inflight: h.inflight.clone(),
-            tracker: None,
+            tracker,
             idle: h.idle.clone(),
         };
         tokio::spawn(c.run(rx, infer_tx, results_rx));
@@ -446,5 +450,36 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(h.idle.load(Ordering::SeqCst), "drained coordinator is idle");
+    }
+
+    #[tokio::test]
+    async fn an_event_registered_before_a_revoke_and_arriving_after_it_is_dropped() {
+        let tracker = SharedTracker::default();
+        let p0 = TopicPartition {
+            topic: "in".into(),
+            partition: 0,
+        };
+        tracker.lock().assign(p0.clone()); // generation 1, the harness's tickets
+        let mut h = start_with(Duration::from_secs(3600), Some(tracker.clone()));
+        h.admit(1, 0, 2);
+        for _ in 0..500 {
+            if !h.idle.load(Ordering::SeqCst) {
+                break; // event 1 is in the batcher
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // An admission thread still holds event 2 while the partition is revoked and given back.
+        tracker.lock().revoke(&p0);
+        tracker.lock().assign(p0.clone());
+        h.admit(2, 0, 3);
+        h.tx.send(ToCoordinator::Drain).unwrap();
+        let req = h.next_batch().await;
+        assert!(req.keys.iter().all(|k| k.event == 1), "{:?}", req.keys);
+        assert_eq!(req.keys.len(), 2);
+        assert_eq!(
+            h.inflight.get(),
+            2,
+            "the stale event's pairs are given back"
+        );
     }
 }
