@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: the model on CPU and on CUDA side by side (check-model + bare-session
-# benchmark), as a short table. Made for an NVIDIA machine without internet; finishes in < 8 min.
+# benchmark), as a short table, and the host path's scaling with admission threads. Made for an
+# NVIDIA machine without internet; finishes in < 8 min.
 #
 #   scripts/gpu-check.sh                # here: CPU half only (no GPU), proves the script runs
 #   RERANKER_BIN=dist/reranker-cuda ORT_GPU_DIR=.gpu/ort scripts/gpu-check.sh   # on the GPU box
@@ -67,6 +68,20 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   bench cuda
 else
   echo "(no NVIDIA GPU here: CUDA half skipped)" >&2
+fi
+
+# The host side that has to feed the GPU: pairs/s and CPU per pair per admission thread count, no
+# model, no broker (SciFact pairs, beside the bare tokenizer on the same pairs).
+DATA="${RERANKER_DATA:-../shared/data/scifact/retrieval-top100.jsonl.gz}"
+if [ -f "$DATA" ]; then
+  cores=$(nproc)
+  threads=1; t=2; while [ "$t" -lt "$cores" ]; do threads="$threads,$t"; t=$((t * 2)); done
+  if [ "$cores" -le 2 ]; then threads=1,2; else threads="$threads,$((cores - 1))"; fi
+  echo "== host path, admission threads $threads" >&2
+  timeout 240 "$BIN" bench --host-only --events 2000 --candidates 10 --threads "$threads" \
+    --data "$DATA" --model-dir "$MODEL_DIR" | tee "$OUT/host.txt"
+else
+  echo "(no SciFact data at $DATA: host-path bench skipped)" >&2
 fi
 
 python3 - "$OUT" <<'EOF'

@@ -159,6 +159,15 @@ impl Batcher {
     pub fn poll(&mut self, now: Instant) -> Option<Batch> {
         let oldest = self.pool.first()?;
         let timed_out = now >= oldest.enqueued + self.policy.max_wait;
+        // Polled on every event admitted: when the whole pool fits both budgets and has not
+        // waited long enough, no close condition can hold, and sorting it would be wasted.
+        let n = self.pool.len();
+        if !timed_out && n < self.policy.max_pairs {
+            let longest = self.pool.iter().map(|p| p.pair.len()).max().unwrap_or(0);
+            if n * longest <= self.policy.max_tokens {
+                return None;
+            }
+        }
         let chosen = self.choose(self.select());
         let count = chosen.len();
         let reason = if count >= self.policy.max_pairs {

@@ -25,6 +25,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub input: InputConfig,
     pub flow: FlowConfig,
+    pub pipeline: PipelineConfig,
     pub output: OutputConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -267,6 +268,31 @@ pub struct FlowConfig {
     pub resume_ratio: f64,
     /// Bounds librdkafka's prefetch buffer so memory stays bounded while far behind.
     pub fetch_queue_kbytes: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Threads that decode and tokenize events, many events at once; 0 means the cores left after
+    /// inference (`model.intra_op_threads`), at least 1.
+    pub admission_threads: usize,
+}
+
+impl PipelineConfig {
+    /// The admission pool's size on this machine.
+    pub fn admission_threads(&self, model: &ModelConfig) -> usize {
+        if self.admission_threads > 0 {
+            return self.admission_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Inference on the GPU leaves the CPU to the host side but one core for the session.
+        let inference = match (model.device, model.intra_op_threads) {
+            (Device::Cuda, _) => 1,
+            (_, 0) => cores / 2,
+            (_, n) => n,
+        };
+        cores.saturating_sub(inference).max(1)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -65,6 +65,13 @@ struct BenchArgs {
     interactive_every_ms: u64,
     #[arg(long, default_value_t = 10)]
     interactive_candidates: usize,
+    /// Benchmark the host side only (decode, tokenize, batch, assemble, render; no broker, a
+    /// no-op scorer) for each `--threads`, beside the bare tokenizer on the same pairs.
+    #[arg(long)]
+    host_only: bool,
+    /// Host-only: admission thread counts (default 1, 2, … up to the cores).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
     /// End-to-end: events to produce (SciFact queries, cycled).
     #[arg(long, default_value_t = 100)]
     events: usize,
@@ -307,6 +314,30 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
                     reranker::tools::bench::print_lanes(&report);
+                }
+                return Ok(());
+            }
+            if a.host_only {
+                let threads = if a.threads.is_empty() {
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    (1..=cores.max(2)).collect()
+                } else {
+                    a.threads.clone()
+                };
+                let opts = reranker::tools::bench::HostOptions {
+                    events: a.events,
+                    candidates: a.candidates,
+                    threads,
+                    data: a.data.clone(),
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    reranker::tools::bench::host_only(&cfg, &opts)
+                })
+                .await??;
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    reranker::tools::bench::print_host(&report);
                 }
                 return Ok(());
             }

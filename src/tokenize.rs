@@ -40,10 +40,59 @@ pub struct EncodedCandidate {
 
 pub struct PairTokenizer {
     tok: Tokenizer,
+    /// The same tokenizer without truncation: each text of an event is encoded alone with it, once.
+    raw: Tokenizer,
     pad_id: u32,
     max_length: usize,
-    /// Set in `chunk_max` mode: a copy without truncation, and the window overlap in tokens.
-    chunking: Option<(Tokenizer, usize)>,
+    /// Special tokens a pair gets (3 for BERT: `[CLS] a [SEP] b [SEP]`).
+    pair_special: usize,
+    /// Set in `chunk_max` mode: the window overlap in tokens.
+    chunking: Option<usize>,
+}
+
+/// A query encoded once for all the candidates of its event (no special tokens, not truncated).
+#[derive(Debug, Clone)]
+pub struct EncodedQuery(Encoding);
+
+impl EncodedQuery {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `parts` (an encoding and its overflow, stride 0) joined back, without token strings: what
+/// post-processing needs, at the cost of a few flat vectors. `type_id` is the one `encode` gives
+/// that side of a pair.
+fn lean(parts: &[&Encoding], type_id: u32) -> Encoding {
+    let len = parts.iter().map(|e| e.len()).sum();
+    let mut ids = Vec::with_capacity(len);
+    let mut words = Vec::with_capacity(len);
+    let mut offsets = Vec::with_capacity(len);
+    let mut special = Vec::with_capacity(len);
+    let mut mask = Vec::with_capacity(len);
+    for e in parts {
+        ids.extend_from_slice(e.get_ids());
+        words.extend_from_slice(e.get_word_ids());
+        offsets.extend_from_slice(e.get_offsets());
+        special.extend_from_slice(e.get_special_tokens_mask());
+        mask.extend_from_slice(e.get_attention_mask());
+    }
+    Encoding::new(
+        ids,
+        vec![type_id; len],
+        // Empty strings do not allocate; the ids are what the model reads.
+        vec![String::new(); len],
+        words,
+        offsets,
+        special,
+        mask,
+        Vec::new(),
+        Default::default(),
+    )
 }
 
 impl PairTokenizer {
@@ -60,10 +109,19 @@ impl PairTokenizer {
             stride: 0,
         }))
         .map_err(|e| anyhow::anyhow!("cannot set truncation to {max_length}: {e}"))?;
+        let mut raw = tok.clone();
+        raw.with_truncation(None)
+            .map_err(|e| anyhow::anyhow!("cannot disable truncation: {e}"))?;
+        let pair_special = raw
+            .post_process(Encoding::default(), Some(Encoding::default()), true)
+            .map_err(|e| anyhow::anyhow!("cannot post-process an empty pair: {e}"))?
+            .len();
         Ok(Self {
             tok,
+            raw,
             pad_id,
             max_length,
+            pair_special,
             chunking: None,
         })
     }
@@ -77,19 +135,65 @@ impl PairTokenizer {
     ) -> anyhow::Result<Self> {
         self.chunking = match mode {
             LongPassages::Truncate => None,
-            LongPassages::ChunkMax => {
-                let mut raw = self.tok.clone();
-                raw.with_truncation(None)
-                    .map_err(|e| anyhow::anyhow!("cannot disable truncation: {e}"))?;
-                Some((raw, overlap))
-            }
+            LongPassages::ChunkMax => Some(overlap),
         };
         Ok(self)
     }
 
-    /// Encodes one candidate according to the long-passage mode.
+    /// One side of a pair, encoded alone exactly as `encode` encodes it inside the pair.
+    fn side(&self, text: &str, type_id: u32) -> anyhow::Result<Encoding> {
+        let err = |e| anyhow::anyhow!("tokenization failed: {e}");
+        if self.chunking.is_some() {
+            let e = self.raw.encode_fast(text, false).map_err(err)?;
+            return Ok(lean(&[&e], type_id));
+        }
+        // The truncating tokenizer stops tokenizing a text near `max_length` tokens (tokenizers
+        // 0.23 `tokenize_with_limit`), and longest-first truncation of the pair depends on those
+        // capped lengths, so each side goes through it too. Encoding a single text then also cuts
+        // it to `max_length`, which encoding the pair does not: its overflow is joined back.
+        let e = self.tok.encode_fast(text, false).map_err(err)?;
+        let parts: Vec<&Encoding> = std::iter::once(&e).chain(e.get_overflowing()).collect();
+        Ok(lean(&parts, type_id))
+    }
+
+    /// Encodes an event's query, once for all its candidates.
+    pub fn encode_query(&self, query: &str) -> anyhow::Result<EncodedQuery> {
+        Ok(EncodedQuery(self.side(query, 0)?))
+    }
+
+    /// Encodes one candidate against a query encoded once, with the tokenizer's own truncation
+    /// and post-processing: the same ids and type ids as `encode_candidate(query, passage)`.
+    pub fn encode_with(
+        &self,
+        query: &EncodedQuery,
+        passage: &str,
+    ) -> anyhow::Result<EncodedCandidate> {
+        let err = |e| anyhow::anyhow!("tokenization failed: {e}");
+        let p = self.side(passage, 1)?;
+        if let Some(overlap) = self.chunking {
+            return self.windows(query.0.clone(), p, overlap);
+        }
+        // The tokenizer's own longest-first truncation and template, as `encode` applies them.
+        let e = self
+            .tok
+            .post_process(query.0.clone(), Some(p), true)
+            .map_err(err)?;
+        let pair = EncodedPair {
+            truncated: !e.get_overflowing().is_empty(),
+            ids: e.get_ids().to_vec(),
+            type_ids: e.get_type_ids().to_vec(),
+        };
+        Ok(EncodedCandidate {
+            truncated: pair.truncated,
+            chunked: false,
+            pairs: vec![pair],
+        })
+    }
+
+    /// Encodes one candidate according to the long-passage mode, query and passage together (the
+    /// reference `encode_with` must match).
     pub fn encode_candidate(&self, query: &str, passage: &str) -> anyhow::Result<EncodedCandidate> {
-        let Some((raw, overlap)) = &self.chunking else {
+        let Some(overlap) = self.chunking else {
             let p = self.encode(query, passage)?;
             return Ok(EncodedCandidate {
                 truncated: p.truncated,
@@ -98,12 +202,21 @@ impl PairTokenizer {
             });
         };
         let err = |e| anyhow::anyhow!("tokenization failed: {e}");
-        let mut q = raw.encode_fast(query, false).map_err(err)?;
-        let mut p = raw.encode_fast(passage, false).map_err(err)?;
-        let special = raw
-            .post_process(Encoding::default(), Some(Encoding::default()), true)
-            .map_err(err)?
-            .len();
+        let q = self.raw.encode_fast(query, false).map_err(err)?;
+        let p = self.raw.encode_fast(passage, false).map_err(err)?;
+        self.windows(q, p, overlap)
+    }
+
+    /// `chunk_max`: the query cut to half the budget, the passage in overlapping windows.
+    fn windows(
+        &self,
+        mut q: Encoding,
+        mut p: Encoding,
+        overlap: usize,
+    ) -> anyhow::Result<EncodedCandidate> {
+        let err = |e| anyhow::anyhow!("tokenization failed: {e}");
+        let raw = &self.raw;
+        let special = self.pair_special;
         let budget = self.max_length.saturating_sub(special);
         // A query longer than half the budget is cut so that passages keep room to be windowed.
         let q_truncated = q.len() > budget / 2;
@@ -112,7 +225,7 @@ impl PairTokenizer {
         let p_budget = budget - q.len();
         let chunked = p.len() > p_budget;
         let windows = if chunked {
-            let stride = (*overlap).min(p_budget / 2);
+            let stride = overlap.min(p_budget / 2);
             p.truncate(p_budget, stride, TruncationDirection::Right);
             let rest = p.take_overflowing();
             std::iter::once(p).chain(rest).collect()

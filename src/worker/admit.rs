@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::coordinator::ToCoordinator;
 use super::finish::{Finished, Outcome, Routes, Sink};
@@ -27,31 +27,32 @@ use crate::obs::telemetry;
 use crate::offsets::{SharedTracker, Ticket, TopicPartition};
 use crate::tokenize::PairTokenizer;
 
-/// One input record, as admission sees it.
-pub struct InRecord<'a> {
+/// One input record, as admission sees it: owned, so a pool thread can decode it while the loop
+/// polls on (the payload is copied once, and moves into the event's metadata).
+pub struct InRecord {
     pub tp: TopicPartition,
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub payload: Option<&'a [u8]>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
     /// The headers `output.propagate_headers` copies to the output.
     pub headers: Vec<(String, Vec<u8>)>,
     /// W3C trace-context headers, whatever `output.propagate_headers` says.
     pub trace: Vec<(String, Vec<u8>)>,
     /// The value of the `priority.header` header.
-    pub priority: Option<&'a [u8]>,
+    pub priority: Option<Vec<u8>>,
 }
 
-impl<'a> InRecord<'a> {
+impl InRecord {
     pub fn from_message(
-        m: &'a BorrowedMessage<'_>,
+        m: &BorrowedMessage<'_>,
         propagate: &[String],
         priority_header: &str,
     ) -> Self {
         let (mut headers, mut trace, mut priority) = (Vec::new(), Vec::new(), None);
         for h in m.headers().iter().flat_map(|hs| hs.iter()) {
             if !priority_header.is_empty() && h.key == priority_header {
-                priority = h.value;
+                priority = h.value.map(<[u8]>::to_vec);
             }
             if propagate
                 .iter()
@@ -75,8 +76,8 @@ impl<'a> InRecord<'a> {
             },
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
-            key: m.key(),
-            payload: m.payload(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
             headers,
             trace,
             priority,
@@ -84,7 +85,8 @@ impl<'a> InRecord<'a> {
     }
 }
 
-/// Decodes, tokenizes and admits one record at a time; knows nothing of the consumer.
+/// Decodes, tokenizes and admits records; knows nothing of the consumer. `register` runs in the
+/// loop, in offset order; `prepare` (decode, tokenize, hand over) on any admission thread.
 pub struct Admitter<S> {
     pub cfg: Arc<Config>,
     pub tokenizer: Arc<PairTokenizer>,
@@ -97,13 +99,41 @@ pub struct Admitter<S> {
     pub next_id: u64,
 }
 
+impl<S: Sink + Clone> Clone for Admitter<S> {
+    fn clone(&self) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            tokenizer: self.tokenizer.clone(),
+            tracker: self.tracker.clone(),
+            coord_tx: self.coord_tx.clone(),
+            sink: self.sink.clone(),
+            routes: self.routes.clone(),
+            inflight: self.inflight.clone(),
+            recorder: self.recorder.clone(),
+            next_id: self.next_id,
+        }
+    }
+}
+
+/// A registered record: its offset is tracked, its span open, its event id given.
+pub struct Registered {
+    ticket: Ticket,
+    span: tracing::Span,
+    id: u64,
+}
+
 impl<S: Sink> Admitter<S> {
     /// Admits the record to the coordinator, or dead-letters it. Returns nothing: either way its
     /// offset completes once the output is acknowledged.
-    pub fn admit(&mut self, r: InRecord<'_>) {
-        let Some(ticket) = self.tracker.lock().register(&r.tp, r.offset) else {
-            return; // raced a revoke; the new owner consumes it
-        };
+    pub fn admit(&mut self, r: InRecord) {
+        if let Some(reg) = self.register(&r) {
+            self.prepare(r, reg);
+        }
+    }
+
+    /// Tracks the record's offset; `None` when its partition is not (or no longer) ours.
+    pub fn register(&mut self, r: &InRecord) -> Option<Registered> {
+        let ticket = self.tracker.lock().register(&r.tp, r.offset)?;
         self.recorder.consumed();
         let span = telemetry::event_span(
             &telemetry::InputRef {
@@ -111,15 +141,29 @@ impl<S: Sink> Admitter<S> {
                 partition: r.tp.partition,
                 offset: r.offset,
                 group: &self.cfg.kafka.group_id,
-                payload_bytes: r.payload.map_or(0, <[u8]>::len),
+                payload_bytes: r.payload.as_ref().map_or(0, Vec::len),
             },
             &r.trace,
         );
+        let id = self.next_id;
+        self.next_id += 1;
+        Some(Registered { ticket, span, id })
+    }
+
+    /// Decodes and tokenizes a registered record and hands its pairs to the coordinator, or
+    /// dead-letters it.
+    pub fn prepare(&self, r: InRecord, reg: Registered) {
+        let Registered { ticket, span, id } = reg;
         let _entered = span.enter();
         let rules = self.cfg.input.rules();
         let now_ms = crate::now_ms();
-        let decoded =
-            decode::decode_with(r.payload, &rules, &self.cfg.limits, r.timestamp_ms, now_ms);
+        let decoded = decode::decode_with(
+            r.payload.as_deref(),
+            &rules,
+            &self.cfg.limits,
+            r.timestamp_ms,
+            now_ms,
+        );
         let ev = match (decoded, self.cfg.deadline.action) {
             (Ok(ev), _) => ev,
             (Err(e), action) if e.code == ErrorCode::DeadlineExceeded => {
@@ -130,7 +174,7 @@ impl<S: Sink> Admitter<S> {
                     }
                     DeadlineAction::Drop => return self.drop_expired(ticket, &span),
                     DeadlineAction::ScoreAnyway => match decode::decode_without_expiry(
-                        r.payload,
+                        r.payload.as_deref(),
                         &rules,
                         &self.cfg.limits,
                         r.timestamp_ms,
@@ -142,7 +186,7 @@ impl<S: Sink> Admitter<S> {
             }
             (Err(e), _) => return self.reject(&r, ticket, e.code, &e.message, &span),
         };
-        let lane = self.cfg.priority.lane(ev.priority, r.priority);
+        let lane = self.cfg.priority.lane(ev.priority, r.priority.as_deref());
         // On this process's monotonic clock, for the coordinator and the batcher.
         let deadline = ev.deadline_at_ms(r.timestamp_ms).map(|at| {
             let left = u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0);
@@ -156,8 +200,16 @@ impl<S: Sink> Admitter<S> {
         let tokenize_start = Instant::now();
         let mut pairs = Vec::with_capacity(ev.candidates.len());
         let (mut truncated, mut chunked) = (0u32, 0u32);
+        // The query once for the whole event, not once per candidate.
+        let query = match self.tokenizer.encode_query(&ev.query) {
+            Ok(q) => q,
+            Err(e) => {
+                let msg = format!("query: {e}");
+                return self.reject(&r, ticket, ErrorCode::TokenizationFailed, &msg, &span);
+            }
+        };
         for (i, c) in ev.candidates.iter().enumerate() {
-            match self.tokenizer.encode_candidate(&ev.query, &c.text) {
+            match self.tokenizer.encode_with(&query, &c.text) {
                 Ok(enc) => {
                     truncated += enc.truncated as u32;
                     chunked += enc.chunked as u32;
@@ -178,9 +230,9 @@ impl<S: Sink> Admitter<S> {
             .unwrap_or(self.cfg.output.top_n)
             .min(self.cfg.output.max_top_n);
         let meta = EventMeta {
-            id: self.next_id,
+            id,
             ticket,
-            key: r.key.map(<[u8]>::to_vec),
+            key: r.key,
             headers: r.headers,
             request_id: ev.request_id,
             query: ev.query,
@@ -204,11 +256,10 @@ impl<S: Sink> Admitter<S> {
             truncated,
             chunked,
             pairs: pairs.len(),
-            payload: r.payload.map(<[u8]>::to_vec).unwrap_or_default(),
+            payload: r.payload.unwrap_or_default(),
             trace: telemetry::span_context(&span),
             span: span.clone(),
         };
-        self.next_id += 1;
         self.inflight.add(pairs.len());
         let _ = self
             .coord_tx
@@ -228,7 +279,7 @@ impl<S: Sink> Admitter<S> {
 
     fn reject(
         &self,
-        r: &InRecord<'_>,
+        r: &InRecord,
         ticket: Ticket,
         code: ErrorCode,
         message: &str,
@@ -241,8 +292,8 @@ impl<S: Sink> Admitter<S> {
             partition: r.tp.partition,
             offset: r.offset,
             timestamp_ms: r.timestamp_ms,
-            key: r.key,
-            payload: r.payload,
+            key: r.key.as_deref(),
+            payload: r.payload.as_deref(),
         };
         let rec = self.routes.dead_letter(&d, r.headers.clone(), span);
         self.sink.finish(Finished {
@@ -252,6 +303,73 @@ impl<S: Sink> Admitter<S> {
             outcome: Outcome::DeadLetter(code),
             span: span.clone(),
         });
+    }
+}
+
+/// Decodes and tokenizes on its own threads, at most two events per thread at a time: many events
+/// in flight at once, across partitions, while the loop keeps polling (and the coordinator stays
+/// the batcher's one owner). Events reach the coordinator in any order; offsets allow that.
+pub struct AdmitPool {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    slots: Arc<Semaphore>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+type Job = (InRecord, Registered, OwnedSemaphorePermit);
+
+impl AdmitPool {
+    pub fn start<S: Sink + Clone>(admitter: &Admitter<S>, threads: usize) -> std::io::Result<Self> {
+        let threads = threads.max(1);
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        // Dead letters are produced from these threads; producing spawns on the runtime.
+        let rt = tokio::runtime::Handle::try_current().ok();
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (a, rx, rt) = (admitter.clone(), rx.clone(), rt.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("admit-{i}"))
+                .spawn(move || {
+                    let _rt = rt.as_ref().map(|h| h.enter());
+                    loop {
+                        // The lock is held only while this thread waits for the next job.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((r, reg, _slot)) = job else { return };
+                        a.prepare(r, reg);
+                    }
+                })?;
+            handles.push(h);
+        }
+        Ok(Self {
+            jobs: Some(tx),
+            slots: Arc::new(Semaphore::new(threads * 2)),
+            threads: handles,
+        })
+    }
+
+    /// Waits until a thread can take one more event.
+    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
+    pub fn submit(&self, r: InRecord, reg: Registered, slot: OwnedSemaphorePermit) {
+        if let Some(tx) = &self.jobs {
+            let _ = tx.send((r, reg, slot));
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+impl Drop for AdmitPool {
+    /// The threads finish what was handed over (its offsets are tracked and drained), then end.
+    fn drop(&mut self) {
+        self.jobs.take();
     }
 }
 
@@ -342,6 +460,7 @@ pub enum Exit {
 
 pub struct AdmitLoop<S> {
     pub admitter: Admitter<S>,
+    pub pool: AdmitPool,
     pub consumer: Arc<KafkaConsumer>,
     pub health: Arc<Health>,
     /// Bumped by the rebalance callback on every assignment.
@@ -387,6 +506,15 @@ impl<S: Sink> AdmitLoop<S> {
             if self.ranges.all_done() {
                 return Exit::RangesDone;
             }
+            // A free admission thread first: the backlog waits in the consumer, not in a queue.
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Exit::Shutdown,
+                s = self.pool.slot() => match s {
+                    Some(s) => s,
+                    None => return Exit::Shutdown,
+                },
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Exit::Shutdown,
@@ -394,7 +522,7 @@ impl<S: Sink> AdmitLoop<S> {
                 _ = tick.tick(), if bp.paused => {}
                 _ = fatal_tick.tick() => {}
                 msg = consumer.recv() => match msg {
-                    Ok(m) => self.handle(&m),
+                    Ok(m) => self.handle(&m, slot),
                     Err(rdkafka::error::KafkaError::PartitionEOF(p)) => self.close_range(p),
                     Err(e) => {
                         tracing::warn!(error = %e, "consume error");
@@ -420,7 +548,7 @@ impl<S: Sink> AdmitLoop<S> {
         }
     }
 
-    fn handle(&mut self, m: &BorrowedMessage<'_>) {
+    fn handle(&mut self, m: &BorrowedMessage<'_>, slot: OwnedSemaphorePermit) {
         let cfg = &self.admitter.cfg;
         let r = InRecord::from_message(m, &cfg.output.propagate_headers, &cfg.priority.header);
         match self.ranges.at(&r.tp, r.offset) {
@@ -428,7 +556,10 @@ impl<S: Sink> AdmitLoop<S> {
             AtRange::AdmitLast => self.close_range(r.tp.partition),
             AtRange::Admit => {}
         }
-        self.admitter.admit(r);
+        // Registered here, in offset order, so revokes and rewinds see every ticket handed over.
+        if let Some(reg) = self.admitter.register(&r) {
+            self.pool.submit(r, reg, slot);
+        }
     }
 
     /// After an aborted transaction: seek every rewound partition back to its last committed
@@ -613,7 +744,7 @@ mod tests {
         (a, coord_rx, sink)
     }
 
-    fn record(partition: i32, offset: i64, payload: &[u8]) -> InRecord<'_> {
+    fn record(partition: i32, offset: i64, payload: &[u8]) -> InRecord {
         InRecord {
             tp: TopicPartition {
                 topic: "in".into(),
@@ -621,8 +752,8 @@ mod tests {
             },
             offset,
             timestamp_ms: None,
-            key: Some(b"k"),
-            payload: Some(payload),
+            key: Some(b"k".to_vec()),
+            payload: Some(payload.to_vec()),
             headers: Vec::new(),
             trace: Vec::new(),
             priority: None,

@@ -20,7 +20,7 @@ use crate::kafka::consumer::RebalanceNote;
 use crate::model::{InferError, InferRequest, InferResult, Score};
 use crate::obs::metrics::BatchRun;
 use crate::obs::recorder::Recorder;
-use crate::offsets::TopicPartition;
+use crate::offsets::{SharedTracker, TopicPartition};
 use crate::tokenize::EncodedPair;
 
 /// Messages to the coordinator, on one channel so a revoke is seen after the admissions before it.
@@ -41,6 +41,10 @@ pub struct Coordinator<S> {
     pub pad_id: u32,
     pub recorder: Arc<Recorder>,
     pub inflight: Arc<InflightPairs>,
+    /// Admission threads hand events over in any order, so an event registered before a revoke or
+    /// rewind can arrive after the coordinator dropped that partition's work: checked on arrival.
+    /// `None` where nothing is revoked (host-only bench, unit tests).
+    pub tracker: Option<SharedTracker>,
     /// True when nothing waits in the batcher or assembler (read by the shutdown drain).
     pub idle: Arc<AtomicBool>,
     /// `batch.max_batch_tokens`, restored after an out-of-memory cooldown.
@@ -56,7 +60,46 @@ pub struct Coordinator<S> {
     pub deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
 }
 
+/// What a coordinator is wired to; the rest of its state comes from the configuration.
+pub struct Wiring<S> {
+    pub sink: S,
+    pub routes: Arc<Routes>,
+    pub model: ModelRef,
+    pub pad_id: u32,
+    pub recorder: Arc<Recorder>,
+    pub inflight: Arc<InflightPairs>,
+    pub tracker: Option<SharedTracker>,
+    pub idle: Arc<AtomicBool>,
+}
+
 impl<S: Sink> Coordinator<S> {
+    pub fn new(cfg: &crate::config::Config, w: Wiring<S>) -> Self {
+        Self {
+            batcher: Batcher::new(crate::batch::BatchPolicy {
+                max_pairs: cfg.batch.max_batch_pairs,
+                max_tokens: cfg.batch.max_batch_tokens,
+                max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
+                bulk_max_skips: cfg.priority.bulk_max_skipped_batches,
+            }),
+            assembler: Assembler::new(),
+            sink: w.sink,
+            routes: w.routes,
+            model: w.model,
+            labels: cfg.output.labels.clone(),
+            pad_id: w.pad_id,
+            recorder: w.recorder,
+            inflight: w.inflight,
+            tracker: w.tracker,
+            idle: w.idle,
+            max_tokens: cfg.batch.max_batch_tokens,
+            min_tokens: cfg.model.max_length,
+            budget_cooldown: Duration::from_millis(cfg.inference.oom_cooldown_ms),
+            budget_restore_at: None,
+            deadline_action: cfg.deadline.action,
+            deadlines: Default::default(),
+        }
+    }
+
     pub async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<ToCoordinator>,
@@ -119,6 +162,14 @@ impl<S: Sink> Coordinator<S> {
     }
 
     fn admit(&mut self, meta: EventMeta, pairs: Vec<(u32, EncodedPair)>) {
+        if let Some(false) = self
+            .tracker
+            .as_ref()
+            .map(|t| t.lock().is_current(&meta.ticket))
+        {
+            self.inflight.sub(meta.pairs);
+            return;
+        }
         let now = Instant::now();
         let id = meta.id;
         let (deadline, lane) = (meta.deadline, meta.lane);
@@ -360,11 +411,16 @@ mod tests {
     }
 
     fn start(max_wait: Duration) -> Harness {
-        start_with(max_wait, 4096, DeadlineAction::DeadLetter)
+        start_with(max_wait, 4096, DeadlineAction::DeadLetter, None)
     }
 
     /// `max_tokens` is also the budget restored 200 ms after an out-of-memory failure.
-    fn start_with(max_wait: Duration, max_tokens: usize, action: DeadlineAction) -> Harness {
+    fn start_with(
+        max_wait: Duration,
+        max_tokens: usize,
+        action: DeadlineAction,
+        tracker: Option<SharedTracker>,
+    ) -> Harness {
         let (tx, rx) = mpsc::unbounded_channel();
         let (infer_tx, model_rx) = mpsc::channel(1);
         let (results, results_rx) = mpsc::unbounded_channel();
@@ -396,6 +452,7 @@ mod tests {
             pad_id: 0,
             recorder: h.recorder.clone(),
             inflight: h.inflight.clone(),
+            tracker,
             idle: h.idle.clone(),
             max_tokens,
             min_tokens: 5,
@@ -608,7 +665,12 @@ mod tests {
     #[tokio::test]
     async fn out_of_memory_halves_the_token_budget_until_the_cooldown_passes() {
         // Pairs are 5 tokens: a 40-token budget holds 8 of them, a halved one 4.
-        let mut h = start_with(Duration::from_millis(1), 40, DeadlineAction::DeadLetter);
+        let mut h = start_with(
+            Duration::from_millis(1),
+            40,
+            DeadlineAction::DeadLetter,
+            None,
+        );
         h.admit(1, 0, 8);
         let req = h.next_batch().await;
         assert_eq!(req.keys.len(), 8);
@@ -630,7 +692,7 @@ mod tests {
 
     /// The model is busy with event 1, so event 2 waits past its deadline.
     async fn expire_behind_a_busy_model(action: DeadlineAction) -> Vec<(String, Outcome)> {
-        let mut h = start_with(Duration::from_millis(1), 4096, action);
+        let mut h = start_with(Duration::from_millis(1), 4096, action, None);
         h.admit(1, 0, 8);
         // Event 1's batch fills the model's one-slot queue; nothing else is handed over.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -691,5 +753,41 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(h.idle.load(Ordering::SeqCst), "drained coordinator is idle");
+    }
+
+    #[tokio::test]
+    async fn an_event_registered_before_a_revoke_and_arriving_after_it_is_dropped() {
+        let tracker = SharedTracker::default();
+        let p0 = TopicPartition {
+            topic: "in".into(),
+            partition: 0,
+        };
+        tracker.lock().assign(p0.clone()); // generation 1, the harness's tickets
+        let mut h = start_with(
+            Duration::from_secs(3600),
+            4096,
+            DeadlineAction::DeadLetter,
+            Some(tracker.clone()),
+        );
+        h.admit(1, 0, 2);
+        for _ in 0..500 {
+            if !h.idle.load(Ordering::SeqCst) {
+                break; // event 1 is in the batcher
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // An admission thread still holds event 2 while the partition is revoked and given back.
+        tracker.lock().revoke(&p0);
+        tracker.lock().assign(p0.clone());
+        h.admit(2, 0, 3);
+        h.tx.send(ToCoordinator::Drain).unwrap();
+        let req = h.next_batch().await;
+        assert!(req.keys.iter().all(|k| k.event == 1), "{:?}", req.keys);
+        assert_eq!(req.keys.len(), 2);
+        assert_eq!(
+            h.inflight.get(),
+            2,
+            "the stale event's pairs are given back"
+        );
     }
 }

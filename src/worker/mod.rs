@@ -18,8 +18,7 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
-use crate::assemble::{Assembler, ModelRef};
-use crate::batch::{BatchPolicy, Batcher};
+use crate::assemble::ModelRef;
 use crate::config::{Config, Guarantee};
 use crate::kafka::consumer::{self, KafkaConsumer, RebalanceContext, RebalanceNote};
 use crate::kafka::producer::Egress;
@@ -39,8 +38,8 @@ pub mod inflight;
 #[cfg(test)]
 mod testing;
 
-use admit::{AdmitLoop, Admitter, Exit, Ranges};
-use coordinator::{Coordinator, ToCoordinator};
+use admit::{AdmitLoop, AdmitPool, Admitter, Exit, Ranges};
+use coordinator::{Coordinator, ToCoordinator, Wiring};
 use finish::{Commit, Finisher, Routes};
 use inflight::InflightPairs;
 
@@ -265,29 +264,19 @@ impl Worker {
             .context("cannot start inference thread")?;
 
         let coord_idle = Arc::new(AtomicBool::new(true));
-        let coordinator = Coordinator {
-            batcher: Batcher::new(BatchPolicy {
-                max_pairs: cfg.batch.max_batch_pairs,
-                max_tokens: cfg.batch.max_batch_tokens,
-                max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
-                bulk_max_skips: cfg.priority.bulk_max_skipped_batches,
-            }),
-            assembler: Assembler::new(),
-            sink: finisher.clone(),
-            routes: routes.clone(),
-            model: model_ref,
-            labels: cfg.output.labels.clone(),
-            pad_id,
-            recorder: recorder.clone(),
-            inflight: inflight.clone(),
-            idle: coord_idle.clone(),
-            max_tokens: cfg.batch.max_batch_tokens,
-            min_tokens: cfg.model.max_length,
-            budget_cooldown: Duration::from_millis(cfg.inference.oom_cooldown_ms),
-            budget_restore_at: None,
-            deadline_action: cfg.deadline.action,
-            deadlines: Default::default(),
-        };
+        let coordinator = Coordinator::new(
+            &cfg,
+            Wiring {
+                sink: finisher.clone(),
+                routes: routes.clone(),
+                model: model_ref,
+                pad_id,
+                recorder: recorder.clone(),
+                inflight: inflight.clone(),
+                tracker: Some(tracker.clone()),
+                idle: coord_idle.clone(),
+            },
+        );
         let coord_task = tokio::spawn(coordinator.run(coord_rx, infer_tx, result_rx));
 
         let stats_task = {
@@ -302,18 +291,24 @@ impl Worker {
             })
         };
 
+        let admitter = Admitter {
+            cfg: cfg.clone(),
+            tokenizer,
+            tracker: tracker.clone(),
+            coord_tx: coord_tx.clone(),
+            sink: finisher,
+            routes,
+            inflight,
+            recorder: recorder.clone(),
+            next_id: 0,
+        };
+        let threads = cfg.pipeline.admission_threads(&cfg.model);
+        let pool =
+            AdmitPool::start(&admitter, threads).context("cannot start admission threads")?;
+        tracing::info!(threads, "admission threads started");
         let admit_loop = AdmitLoop {
-            admitter: Admitter {
-                cfg: cfg.clone(),
-                tokenizer,
-                tracker: tracker.clone(),
-                coord_tx: coord_tx.clone(),
-                sink: finisher,
-                routes,
-                inflight,
-                recorder: recorder.clone(),
-                next_id: 0,
-            },
+            admitter,
+            pool,
             consumer: consumer.clone(),
             health: health.clone(),
             assignments,

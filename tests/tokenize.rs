@@ -1,0 +1,152 @@
+//! Tokenize once (the query once per event, each passage once) must give exactly the ids, type ids
+//! and masks of encoding each pair whole: on the 254 reference rows and on every SciFact pair, at
+//! lengths where longest-first truncation cuts one side or both, and in `chunk_max` windows.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use reranker::config::LongPassages;
+use reranker::tokenize::{EncodedCandidate, PairTokenizer};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("RERANKER_MODEL__DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/models/minilm-l6-ce"))
+}
+
+fn tokenizer(max_length: usize, mode: LongPassages) -> PairTokenizer {
+    PairTokenizer::from_file(&model_dir().join("tokenizer.json"), max_length)
+        .expect("tokenizer loads")
+        .with_long_passages(mode, 32)
+        .expect("long-passage mode")
+}
+
+/// (query, passages) per SciFact query.
+fn scifact() -> Vec<(String, Vec<String>)> {
+    let path = root().join("../shared/data/scifact/retrieval-top100.jsonl.gz");
+    let f = std::fs::File::open(&path).expect("scifact data");
+    let r = std::io::BufReader::new(flate2::read::GzDecoder::new(f));
+    r.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l.expect("line")).expect("json");
+            let passages = v["candidates"]
+                .as_array()
+                .expect("candidates")
+                .iter()
+                .map(|c| c["text"].as_str().expect("text").to_string())
+                .collect();
+            (v["query"].as_str().expect("query").to_string(), passages)
+        })
+        .collect()
+}
+
+/// Compares both ways of encoding every pair of `events`; returns (pairs, truncated, chunked).
+fn same_both_ways(tok: &PairTokenizer, events: &[(String, Vec<String>)]) -> (usize, usize, usize) {
+    let (mut pairs, mut truncated, mut chunked) = (0, 0, 0);
+    for (query, passages) in events {
+        let q = tok.encode_query(query).expect("query");
+        for p in passages {
+            let once: EncodedCandidate = tok.encode_with(&q, p).expect("encode once");
+            let whole = tok.encode_candidate(query, p).expect("encode whole");
+            assert_eq!(once, whole, "query {query:?} passage {p:?}");
+            pairs += 1;
+            truncated += once.truncated as usize;
+            chunked += once.chunked as usize;
+        }
+    }
+    (pairs, truncated, chunked)
+}
+
+#[test]
+fn reference_rows_encode_the_same_once_and_whole() {
+    let path = model_dir().join("reference.jsonl");
+    let text = std::fs::read_to_string(&path).expect("reference.jsonl");
+    let mut rows = 0;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("row");
+        let (query, passage) = (
+            v["query"].as_str().expect("query"),
+            v["passage"].as_str().expect("passage"),
+        );
+        let max_length = v["max_length"].as_u64().expect("max_length") as usize;
+        let expected: Vec<u32> = v["input_ids"]
+            .as_array()
+            .expect("input_ids")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect();
+        let tok = tokenizer(max_length, LongPassages::Truncate);
+        let q = tok.encode_query(query).expect("query");
+        let once = tok.encode_with(&q, passage).expect("once");
+        assert_eq!(once.pairs.len(), 1);
+        assert_eq!(
+            once.pairs[0].ids, expected,
+            "row {rows}: ids vs PyTorch reference"
+        );
+        let whole = tok.encode(query, passage).expect("whole");
+        assert_eq!(once.pairs[0], whole, "row {rows}");
+        // The mask the batcher builds is one per id: the whole encoding's mask, unpadded.
+        assert_eq!(whole.ids.len(), expected.len());
+        rows += 1;
+    }
+    assert_eq!(rows, 254);
+}
+
+#[test]
+fn scifact_pairs_encode_the_same_once_and_whole() {
+    let events = scifact();
+    assert!(events.len() >= 300);
+    // 64: nearly every pair is cut, often both sides (long queries); 256: the default; 512: few.
+    for max_length in [16, 64, 256, 512] {
+        let tok = tokenizer(max_length, LongPassages::Truncate);
+        let (pairs, truncated, _) = same_both_ways(&tok, &events);
+        eprintln!("max_length {max_length}: {pairs} pairs, {truncated} truncated");
+        assert!(pairs >= 30_000 && truncated > 0);
+    }
+}
+
+#[test]
+fn scifact_pairs_make_the_same_chunk_max_windows_once_and_whole() {
+    let events = scifact();
+    let tok = tokenizer(128, LongPassages::ChunkMax);
+    let (pairs, _, chunked) = same_both_ways(&tok, &events);
+    eprintln!("chunk_max at 128: {pairs} pairs, {chunked} chunked");
+    assert!(chunked > 1000);
+}
+
+#[test]
+fn longest_first_cuts_both_sides_when_both_are_long() {
+    let tok = tokenizer(33, LongPassages::Truncate); // 30 tokens to share between the sides
+    let long = |w: &str, n| vec![w; n].join(" ");
+    for (nq, np) in [
+        (40, 41),
+        (41, 40),
+        (40, 40),
+        (10, 40),
+        (40, 10),
+        (29, 31),
+        (31, 29),
+    ] {
+        let (query, passage) = (long("alpha", nq), long("beta", np));
+        let q = tok.encode_query(&query).expect("query");
+        let once = tok.encode_with(&q, &passage).expect("once");
+        let whole = tok.encode(&query, &passage).expect("whole");
+        assert_eq!(once.pairs[0], whole, "{nq} / {np}");
+        assert!(whole.truncated && whole.ids.len() == 33, "{nq} / {np}");
+    }
+    let even = tokenizer(34, LongPassages::Truncate); // 31: one side gets the odd token
+    for (nq, np) in [(40, 41), (41, 40), (40, 40), (16, 16), (15, 17)] {
+        let (query, passage) = (long("alpha", nq), long("beta", np));
+        let q = even.encode_query(&query).expect("query");
+        let once = even.encode_with(&q, &passage).expect("once");
+        assert_eq!(
+            once.pairs[0],
+            even.encode(&query, &passage).expect("whole"),
+            "{nq} / {np}"
+        );
+    }
+}
