@@ -787,3 +787,68 @@ fn events_whose_deadline_passes_in_the_queue_are_dead_lettered_before_inference(
     let scored = stopped[0]["pairs_scored"].as_u64().expect("pairs_scored");
     assert!(scored < 600, "{scored} pairs scored");
 }
+
+/// Priority lanes across Kafka: a backlog of 60 bulk events (the worker's `priority.default`)
+/// and, produced last, one event whose record header says `priority: 9`. The worker admits the
+/// whole backlog at once, so the late event's pairs meet ~600 bulk pairs in the pool: as an
+/// interactive event they lead the next batch, where oldest-first batching would score them about
+/// last. Measured by each output's `timings.end_to_end_ms` (record timestamp to output): the
+/// interactive event must finish before at least three quarters of the bulk events.
+#[test]
+fn an_interactive_event_overtakes_a_bulk_backlog() {
+    let mut events = scifact_events(61, 10);
+    let urgent = events[60]["request_id"].as_str().unwrap().to_string();
+    events[60]["candidates"] = json!(events[60]["candidates"].as_array().unwrap()[..4]);
+    let rt = rt();
+    let broker = TansuBroker::start().expect("broker");
+    let bs = broker.bootstrap();
+    let t = Topics::new("lanes");
+    rt.block_on(t.create(&bs, 2));
+    let mut inputs: Vec<Input> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Input::json(&format!("k{i}"), e, i as i32 % 2))
+        .collect();
+    inputs[60].headers.push(("priority".into(), b"9".to_vec()));
+    rt.block_on(produce(&bs, &t.input, &inputs));
+    let mut w = WorkerProc::spawn(
+        &bs,
+        &t,
+        &[
+            "model.max_length=128".into(),
+            "batch.max_batch_pairs=16".into(),
+            "priority.default=\"bulk\"".into(),
+        ],
+    );
+    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(600), |r| {
+        r.len() >= events.len()
+    });
+    assert_eq!(
+        w.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    assert_eq!(recs.len(), events.len(), "one record per event");
+    assert!(recs.iter().all(|r| r.topic == t.output), "no dead letters");
+    let mut bulk = Vec::new();
+    let mut interactive = None;
+    for r in &recs {
+        let out = r.json();
+        let ms = out["timings"]["end_to_end_ms"]
+            .as_f64()
+            .expect("end_to_end_ms");
+        if out["request_id"] == urgent.as_str() {
+            interactive = Some(ms);
+        } else {
+            bulk.push(ms);
+        }
+    }
+    let interactive = interactive.expect("the interactive event was answered");
+    let later = bulk.iter().filter(|&&ms| ms > interactive).count();
+    assert!(
+        later * 4 >= bulk.len() * 3,
+        "the interactive event took {interactive} ms; only {later} of {} bulk events took longer",
+        bulk.len()
+    );
+}
