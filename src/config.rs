@@ -266,6 +266,11 @@ pub struct FlowConfig {
     pub max_inflight_pairs: usize,
     /// Resume once in-flight pairs fall to this fraction of the high-water mark.
     pub resume_ratio: f64,
+    /// The share of `max_inflight_pairs` kept for interactive partitions: a partition whose
+    /// latest event was bulk pauses at `(1 - ratio) × max_inflight_pairs`, every other one only at
+    /// `max_inflight_pairs`. So interactive events in partitions of their own are still fetched
+    /// while a bulk backlog holds the rest paused. 0 pauses every partition at once.
+    pub interactive_reserve_ratio: f64,
     /// Bounds librdkafka's prefetch buffer so memory stays bounded while far behind.
     pub fetch_queue_kbytes: usize,
 }
@@ -472,6 +477,7 @@ impl Default for FlowConfig {
         Self {
             max_inflight_pairs: 2048,
             resume_ratio: 0.5,
+            interactive_reserve_ratio: 0.25,
             fetch_queue_kbytes: 16 * 1024,
         }
     }
@@ -670,6 +676,9 @@ impl Config {
         }
         if !(0.0..1.0).contains(&self.flow.resume_ratio) {
             return bad("flow.resume_ratio", "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.flow.interactive_reserve_ratio) {
+            return bad("flow.interactive_reserve_ratio", "must be in [0, 1)");
         }
         let e = &self.otel.endpoint;
         if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {

@@ -1,5 +1,6 @@
 //! What `/readyz` decides on, and the consumer facts the gauges read at scrape time.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -24,11 +25,12 @@ pub struct Health {
     model_warmed: AtomicBool,
     draining: AtomicBool,
     assigned: AtomicUsize,
-    paused: AtomicBool,
-    /// Set by every pause, cleared by the stall detector's next look when no longer paused:
-    /// positions are sampled every statistics interval, and a pause between two samples must
-    /// restart the clock like one seen at a sample.
-    paused_since_observed: AtomicBool,
+    /// Partitions paused by backpressure now.
+    paused: Mutex<HashSet<TopicPartition>>,
+    /// Every partition paused since the stall detector's last look: positions are sampled every
+    /// statistics interval, and a pause between two samples must restart the clock like one seen
+    /// at a sample.
+    paused_since_observed: Mutex<HashSet<TopicPartition>>,
     /// Milliseconds after `epoch`, plus one, when a broker was last seen connected; 0 = never.
     broker_seen: AtomicU64,
     lag: Mutex<Vec<LagPoint>>,
@@ -40,7 +42,12 @@ struct Stalls {
     /// Stalled now, for `/readyz`, the gauge and whoever must stop on a stall.
     current: Vec<Stall>,
     /// Paused on purpose one by one (a replay range at its end); never a stall.
-    done: std::collections::HashSet<TopicPartition>,
+    done: HashSet<TopicPartition>,
+}
+
+/// A poisoned lock still holds a usable set: a gauge must not panic.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Health {
@@ -53,8 +60,8 @@ impl Health {
             model_warmed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             assigned: AtomicUsize::new(0),
-            paused: AtomicBool::new(false),
-            paused_since_observed: AtomicBool::new(false),
+            paused: Mutex::new(HashSet::new()),
+            paused_since_observed: Mutex::new(HashSet::new()),
             broker_seen: AtomicU64::new(0),
             lag: Mutex::new(Vec::new()),
             stalls: Mutex::new(Stalls {
@@ -83,9 +90,9 @@ impl Health {
     /// and recovery once.
     fn observe_positions(&self, s: &Statistics) {
         // A drain pauses every partition without telling `paused`.
-        let paused = self.paused.load(Ordering::Relaxed)
-            || self.paused_since_observed.swap(false, Ordering::Relaxed)
-            || self.draining.load(Ordering::Relaxed);
+        let draining = self.draining.load(Ordering::Relaxed);
+        let mut paused = std::mem::take(&mut *lock(&self.paused_since_observed));
+        paused.extend(lock(&self.paused).iter().cloned());
         let mut st = self.lock_stalls();
         let mut view = Vec::new();
         for (topic, t) in &s.topics {
@@ -104,7 +111,7 @@ impl Health {
                     .into_iter()
                     .find(|o| *o >= 0);
                 view.push(PartitionPosition {
-                    paused: paused || st.done.contains(&tp),
+                    paused: draining || paused.contains(&tp) || st.done.contains(&tp),
                     tp,
                     position,
                     low_watermark: p.lo_offset,
@@ -152,20 +159,15 @@ impl Health {
         self.assigned.load(Ordering::Relaxed)
     }
 
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
-        if paused {
-            self.paused_since_observed.store(true, Ordering::Relaxed);
-        }
+    /// The partitions backpressure holds paused now (all, some or none of the assignment).
+    pub fn set_paused(&self, paused: HashSet<TopicPartition>) {
+        lock(&self.paused_since_observed).extend(paused.iter().cloned());
+        *lock(&self.paused) = paused;
     }
 
-    /// Partitions currently paused by backpressure (the ingress pauses its whole assignment).
+    /// Partitions currently paused by backpressure.
     pub fn paused_partitions(&self) -> usize {
-        if self.paused.load(Ordering::Relaxed) {
-            self.assigned()
-        } else {
-            0
-        }
+        lock(&self.paused).len()
     }
 
     /// A broker answered (group assignment) or a statistics report showed a connection up.
@@ -308,8 +310,18 @@ mod tests {
         h.broker_seen();
         assert_eq!(h.readiness(), Ok(()));
         assert_eq!(h.paused_partitions(), 0);
-        h.set_paused(true);
+        let tp = |partition| TopicPartition {
+            topic: "in".into(),
+            partition,
+        };
+        h.set_paused(HashSet::from([tp(0), tp(1)]));
         assert_eq!(h.paused_partitions(), 2);
+        h.set_paused(HashSet::from([tp(1)]));
+        assert_eq!(
+            h.paused_partitions(),
+            1,
+            "a partial pause counts its partitions"
+        );
         h.set_draining();
         assert_eq!(h.readiness().unwrap_err(), NotReady::ShuttingDown);
     }

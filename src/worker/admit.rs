@@ -16,6 +16,7 @@ use super::coordinator::ToCoordinator;
 use super::finish::{Finished, Outcome, Routes, Sink};
 use super::inflight::InflightPairs;
 use crate::assemble::{CandidateMeta, EventMeta};
+use crate::batch::Lane;
 use crate::config::{Config, DeadlineAction};
 use crate::decode::{self, ErrorCode};
 use crate::dlq::DlqInput;
@@ -95,6 +96,7 @@ pub struct Admitter<S> {
     pub sink: S,
     pub routes: Arc<Routes>,
     pub inflight: Arc<InflightPairs>,
+    pub lanes: Arc<PartitionLanes>,
     pub recorder: Arc<Recorder>,
     pub next_id: u64,
 }
@@ -109,6 +111,7 @@ impl<S: Sink + Clone> Clone for Admitter<S> {
             sink: self.sink.clone(),
             routes: self.routes.clone(),
             inflight: self.inflight.clone(),
+            lanes: self.lanes.clone(),
             recorder: self.recorder.clone(),
             next_id: self.next_id,
         }
@@ -187,6 +190,7 @@ impl<S: Sink> Admitter<S> {
             (Err(e), _) => return self.reject(&r, ticket, e.code, &e.message, &span),
         };
         let lane = self.cfg.priority.lane(ev.priority, r.priority.as_deref());
+        self.lanes.set(&r.tp, lane);
         // On this process's monotonic clock, for the coordinator and the batcher.
         let deadline = ev.deadline_at_ms(r.timestamp_ms).map(|at| {
             let left = u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0);
@@ -401,6 +405,74 @@ impl Backpressure {
     }
 }
 
+/// Lane-aware backpressure: two thresholds on the pairs in flight. Partitions whose latest event
+/// was bulk pause first, at `(1 - flow.interactive_reserve_ratio) × max_inflight_pairs`; every
+/// partition pauses at `max_inflight_pairs`. Kafka cannot fetch one lane of a partition and leave
+/// the other, so lanes separate only where they have partitions of their own; a partition with no
+/// event yet counts as interactive until one arrives (the overrun is bounded by the reserve).
+#[derive(Debug, Clone, Copy)]
+pub struct Flow {
+    pub all: Backpressure,
+    pub bulk: Backpressure,
+}
+
+impl Flow {
+    pub fn new(cfg: &Config) -> Self {
+        let all = Backpressure::new(cfg);
+        let high = ((all.high as f64) * (1.0 - cfg.flow.interactive_reserve_ratio)) as usize;
+        let bulk = Backpressure {
+            high: high.max(1),
+            low: ((high as f64) * cfg.flow.resume_ratio) as usize,
+            paused: false,
+        };
+        Self { all, bulk }
+    }
+
+    /// Moves either threshold's state; whether one changed.
+    pub fn update(&mut self, inflight: usize) -> bool {
+        let mut changed = false;
+        for bp in [&mut self.all, &mut self.bulk] {
+            if let Some(pause) = bp.decide(inflight) {
+                bp.paused = pause;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Whether a partition whose latest event was in `lane` (`None`: none yet) is paused now.
+    pub fn pauses(&self, lane: Option<Lane>) -> bool {
+        self.all.paused || (self.bulk.paused && lane == Some(Lane::Bulk))
+    }
+}
+
+/// The lane of each partition's latest event, written by the admission threads as they decode.
+#[derive(Debug, Default)]
+pub struct PartitionLanes {
+    lanes: std::sync::Mutex<HashMap<TopicPartition, Lane>>,
+    /// Bumped when a partition changes lane: the loop re-decides its pauses only then.
+    version: AtomicU64,
+}
+
+impl PartitionLanes {
+    pub fn set(&self, tp: &TopicPartition, lane: Lane) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if lanes.get(tp) != Some(&lane) {
+            lanes.insert(tp.clone(), lane);
+            self.version.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    pub fn get(&self, tp: &TopicPartition) -> Option<Lane> {
+        let lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        lanes.get(tp).copied()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+}
+
 /// End offsets of a replay's partitions; empty for the consumer group.
 #[derive(Debug, Default)]
 pub struct Ranges {
@@ -438,6 +510,11 @@ impl Ranges {
     /// Marks the partition done; whether it was open.
     pub fn close(&mut self, tp: &TopicPartition) -> bool {
         self.open.remove(tp)
+    }
+
+    /// A range partition that reached its end: paused for good.
+    pub fn is_closed(&self, tp: &TopicPartition) -> bool {
+        self.ends.contains_key(tp) && !self.open.contains(tp)
     }
 
     /// A replay whose every partition reached its end.
@@ -488,8 +565,10 @@ impl<S: Sink> AdmitLoop<S> {
         if self.ranges.all_done() {
             return Exit::RangesDone;
         }
-        let mut bp = Backpressure::new(&self.admitter.cfg);
+        let mut flow = Flow::new(&self.admitter.cfg);
+        let mut paused = HashSet::new();
         let mut seen_epoch = 0u64;
+        let mut seen_lanes = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let consumer = self.consumer.clone();
         let mut fatal_tick = tokio::time::interval(Duration::from_millis(100));
@@ -519,7 +598,7 @@ impl<S: Sink> AdmitLoop<S> {
                 biased;
                 _ = shutdown.changed() => return Exit::Shutdown,
                 Some(r) = self.rewinds.recv() => self.rewind(r),
-                _ = tick.tick(), if bp.paused => {}
+                _ = tick.tick(), if !paused.is_empty() => {}
                 _ = fatal_tick.tick() => {}
                 msg = consumer.recv() => match msg {
                     Ok(m) => self.handle(&m, slot),
@@ -530,20 +609,24 @@ impl<S: Sink> AdmitLoop<S> {
                     }
                 },
             }
+            // librdkafka keeps an application pause on a partition through revoke and re-assign,
+            // and a resume only reaches the partitions owned at that moment: a partition paused,
+            // revoked and given back later would stay paused forever. So every new assignment
+            // gets every partition's pause state stated.
             let epoch = self.assignments.load(Ordering::SeqCst);
-            if epoch != seen_epoch {
-                // librdkafka keeps an application pause on a partition through revoke and
-                // re-assign, and a resume only reaches the partitions owned at that moment: a
-                // partition paused, revoked and given back later would stay paused forever.
-                // State the current pause state for every new assignment.
-                seen_epoch = epoch;
-                if let Err(e) = self.pause_assignment(bp.paused) {
-                    tracing::warn!(error = %e, pause = bp.paused, "cannot set the pause state of new partitions");
-                }
+            let restate = epoch != seen_epoch;
+            seen_epoch = epoch;
+            let inflight = self.admitter.inflight.get();
+            let mut decide = flow.update(inflight) || restate;
+            if flow.bulk.paused && !flow.all.paused {
+                let v = self.admitter.lanes.version();
+                decide |= v != seen_lanes;
+                seen_lanes = v;
             }
-            if let Some(pause) = bp.decide(self.admitter.inflight.get()) {
-                self.set_paused(pause);
-                bp.paused = pause;
+            if decide {
+                if let Err(e) = self.apply_pauses(&flow, &mut paused, restate, inflight) {
+                    tracing::warn!(error = %e, "cannot set the pause state of the partitions");
+                }
             }
         }
     }
@@ -613,37 +696,74 @@ impl<S: Sink> AdmitLoop<S> {
         let _ = self.consumer.pause(&tpl);
     }
 
-    /// Pauses or resumes the whole current assignment; how many partitions that was.
-    fn pause_assignment(&self, pause: bool) -> rdkafka::error::KafkaResult<usize> {
+    /// Pauses what `flow` says should be paused and resumes the rest of the assignment (all of
+    /// it when `restate`, else only what this loop had paused); logs and counts the changes.
+    fn apply_pauses(
+        &self,
+        flow: &Flow,
+        paused: &mut HashSet<TopicPartition>,
+        restate: bool,
+        inflight: usize,
+    ) -> rdkafka::error::KafkaResult<()> {
         let assignment = self.consumer.assignment()?;
-        if pause {
-            self.consumer.pause(&assignment)?;
-        } else {
-            self.consumer.resume(&assignment)?;
-        }
-        Ok(assignment.count())
-    }
-
-    /// Backpressure switches the pause state.
-    fn set_paused(&self, pause: bool) {
-        let inflight = self.admitter.inflight.get();
-        self.admitter.recorder.paused(pause);
-        match self.pause_assignment(pause) {
-            Ok(partitions) => {
-                self.health.set_paused(pause);
-                tracing::info!(
-                    inflight_pairs = inflight,
-                    partitions,
-                    "{}",
-                    if pause {
-                        "backpressure: partitions paused"
-                    } else {
-                        "backpressure: partitions resumed"
-                    }
-                );
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        let mut now = HashSet::new();
+        let (mut newly, mut freed) = (0, 0);
+        for el in assignment.elements() {
+            let tp = TopicPartition {
+                topic: el.topic().to_string(),
+                partition: el.partition(),
+            };
+            if self.ranges.is_closed(&tp) {
+                continue;
             }
-            Err(e) => tracing::warn!(error = %e, pause, "cannot change pause state"),
+            let was = paused.contains(&tp);
+            if flow.pauses(self.admitter.lanes.get(&tp)) {
+                if restate || !was {
+                    pause.add_partition(el.topic(), el.partition());
+                }
+                newly += usize::from(!was);
+                now.insert(tp);
+            } else {
+                if restate || was {
+                    resume.add_partition(el.topic(), el.partition());
+                }
+                freed += usize::from(was);
+            }
         }
+        if pause.count() > 0 {
+            self.consumer.pause(&pause)?;
+        }
+        if resume.count() > 0 {
+            self.consumer.resume(&resume)?;
+        }
+        let lanes = if flow.all.paused { "all" } else { "bulk" };
+        if newly > 0 {
+            if paused.is_empty() {
+                self.admitter.recorder.paused(true);
+            }
+            tracing::info!(
+                inflight_pairs = inflight,
+                partitions = now.len(),
+                assigned = assignment.count(),
+                lanes,
+                "backpressure: partitions paused"
+            );
+        }
+        if freed > 0 {
+            if now.is_empty() {
+                self.admitter.recorder.paused(false);
+            }
+            tracing::info!(
+                inflight_pairs = inflight,
+                partitions = now.len(),
+                resumed = freed,
+                "backpressure: partitions resumed"
+            );
+        }
+        self.health.set_paused(now.clone());
+        *paused = now;
+        Ok(())
     }
 }
 
@@ -668,6 +788,50 @@ mod tests {
     }
 
     #[test]
+    fn bulk_partitions_pause_first_and_the_reserve_keeps_the_rest_fetching() {
+        let mut cfg = Config::default();
+        cfg.flow.max_inflight_pairs = 1000;
+        cfg.flow.resume_ratio = 0.5;
+        cfg.flow.interactive_reserve_ratio = 0.25;
+        let mut f = Flow::new(&cfg);
+        let (bulk, interactive, fresh) = (Some(Lane::Bulk), Some(Lane::Interactive), None);
+        assert!(!f.update(749));
+        assert!(![bulk, interactive, fresh].into_iter().any(|l| f.pauses(l)));
+        assert!(f.update(750), "bulk threshold: 3/4 of the bound");
+        assert!(f.pauses(bulk));
+        assert!(!f.pauses(interactive) && !f.pauses(fresh));
+        assert!(f.update(1000));
+        assert!([bulk, interactive, fresh].into_iter().all(|l| f.pauses(l)));
+        assert!(f.update(500), "every partition resumes at half the bound");
+        assert!(f.pauses(bulk) && !f.pauses(interactive));
+        assert!(!f.update(376));
+        assert!(f.update(375), "bulk resumes at half its own threshold");
+        assert!(!f.pauses(bulk));
+
+        cfg.flow.interactive_reserve_ratio = 0.0;
+        let mut f = Flow::new(&cfg);
+        assert!(f.update(1000));
+        assert!(f.pauses(interactive), "no reserve: every partition at once");
+    }
+
+    #[test]
+    fn a_partition_changes_lane_with_its_latest_event() {
+        let lanes = PartitionLanes::default();
+        let tp = TopicPartition {
+            topic: "in".into(),
+            partition: 3,
+        };
+        assert_eq!(lanes.get(&tp), None);
+        lanes.set(&tp, Lane::Bulk);
+        let v = lanes.version();
+        lanes.set(&tp, Lane::Bulk);
+        assert_eq!(lanes.version(), v, "the same lane again is no change");
+        lanes.set(&tp, Lane::Interactive);
+        assert_eq!(lanes.get(&tp), Some(Lane::Interactive));
+        assert!(lanes.version() > v);
+    }
+
+    #[test]
     fn ranges_admit_up_to_their_end_and_close_there() {
         let tp = |partition| TopicPartition {
             topic: "in".into(),
@@ -678,8 +842,10 @@ mod tests {
         assert_eq!(r.at(&tp(0), 9), AtRange::AdmitLast);
         assert_eq!(r.at(&tp(0), 10), AtRange::Past);
         assert_eq!(r.at(&tp(2), 99), AtRange::Admit);
+        assert!(!r.is_closed(&tp(0)));
         assert!(r.close(&tp(0)));
         assert!(!r.close(&tp(0)));
+        assert!(r.is_closed(&tp(0)) && !r.is_closed(&tp(2)));
         assert!(!r.all_done());
         r.close(&tp(1));
         assert!(r.all_done());
@@ -738,6 +904,7 @@ mod tests {
             sink: sink.clone(),
             routes: testing::routes(),
             inflight: Arc::new(InflightPairs::default()),
+            lanes: Default::default(),
             recorder: testing::recorder(),
             next_id: 0,
         };

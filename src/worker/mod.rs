@@ -299,6 +299,7 @@ impl Worker {
             sink: finisher,
             routes,
             inflight,
+            lanes: Default::default(),
             recorder: recorder.clone(),
             next_id: 0,
         };

@@ -256,6 +256,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: HashMap<String, Vec<u8>>,
+    /// The record's timestamp (the producer's create time), in ms since the epoch.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Record {
@@ -451,6 +453,7 @@ pub fn collect_with(
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
                     headers,
+                    timestamp_ms: m.timestamp().to_millis(),
                 });
             }
             Some(Err(e)) => eprintln!("collect: {e}"),

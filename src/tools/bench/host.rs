@@ -230,6 +230,7 @@ fn run_pool(
             sink: sink.clone(),
             routes,
             inflight,
+            lanes: Default::default(),
             recorder,
             next_id: 0,
         };
