@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context};
 use opentelemetry::trace::SpanContext;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor, TensorElementType};
 use tokio::sync::mpsc;
 
 use crate::batch::{Batch, CloseReason, PairKey};
@@ -85,6 +85,56 @@ pub struct ModelInfo {
     pub device: &'static str,
     /// How `relevance` is derived from the logits.
     pub activation: &'static str,
+    /// Element type of the id inputs: exporters emit int64, some (and TensorRT-minded ones) int32.
+    pub ids: IdType,
+    /// Element type of the logits: fp16 exports often keep fp16 outputs.
+    pub logits: LogitType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum IdType {
+    #[serde(rename = "int64")]
+    I64,
+    #[serde(rename = "int32")]
+    I32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum LogitType {
+    #[serde(rename = "float32")]
+    F32,
+    #[serde(rename = "float16")]
+    F16,
+}
+
+impl IdType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdType::I64 => "int64",
+            IdType::I32 => "int32",
+        }
+    }
+
+    /// A `[rows, seq_len]` input tensor of this type. Token ids and type ids fit in 32 bits
+    /// (vocabularies are far smaller), so the narrowing is exact.
+    fn tensor(self, shape: &[i64], v: &[i64]) -> ort::Result<DynValue> {
+        Ok(match self {
+            IdType::I64 => Tensor::from_array((shape.to_vec(), v.to_vec()))?.into_dyn(),
+            IdType::I32 => {
+                let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
+                Tensor::from_array((shape.to_vec(), v))?.into_dyn()
+            }
+        })
+    }
+}
+
+impl LogitType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogitType::F32 => "float32",
+            LogitType::F16 => "float16",
+        }
+    }
 }
 
 /// Padded, row-major int64 tensors for one batch.
@@ -289,7 +339,38 @@ impl Scorer {
             }
         }
         let has_token_type_ids = inputs.iter().any(|i| i == "token_type_ids");
+        let ids_type = session
+            .inputs()
+            .iter()
+            .find(|i| i.name() == "input_ids")
+            .and_then(|i| i.dtype().tensor_type());
+        let ids = match ids_type {
+            Some(TensorElementType::Int64) => IdType::I64,
+            Some(TensorElementType::Int32) => IdType::I32,
+            other => bail!(
+                "model {}: `input_ids` must be int64 or int32, not {other:?}",
+                path.display()
+            ),
+        };
+        for i in session.inputs() {
+            let ty = i.dtype().tensor_type();
+            if ty != ids_type {
+                bail!(
+                    "model {}: input `{}` is {ty:?} but `input_ids` is {ids_type:?}; all id inputs must share one type",
+                    path.display(),
+                    i.name()
+                );
+            }
+        }
         let out = &session.outputs()[0];
+        let logits = match out.dtype().tensor_type() {
+            Some(TensorElementType::Float32) => LogitType::F32,
+            Some(TensorElementType::Float16) => LogitType::F16,
+            other => bail!(
+                "model {}: the first output must be float32 or float16 logits, not {other:?}",
+                path.display()
+            ),
+        };
         let num_labels = out
             .dtype()
             .tensor_shape()
@@ -318,6 +399,8 @@ impl Scorer {
             } else {
                 "softmax"
             },
+            ids,
+            logits,
         };
         Ok(Self { session, info })
     }
@@ -331,25 +414,31 @@ impl Scorer {
         if t.rows == 0 {
             return Ok(Vec::new());
         }
-        let shape = vec![t.rows as i64, t.seq_len as i64];
+        let shape = [t.rows as i64, t.seq_len as i64];
+        let ids = self.info.ids;
         let mut inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            (
-                "input_ids".into(),
-                Tensor::from_array((shape.clone(), t.input_ids.clone()))?.into(),
-            ),
+            ("input_ids".into(), ids.tensor(&shape, &t.input_ids)?.into()),
             (
                 "attention_mask".into(),
-                Tensor::from_array((shape.clone(), t.attention_mask.clone()))?.into(),
+                ids.tensor(&shape, &t.attention_mask)?.into(),
             ),
         ];
         if self.info.has_token_type_ids {
             inputs.push((
                 "token_type_ids".into(),
-                Tensor::from_array((shape, t.token_type_ids.clone()))?.into(),
+                ids.tensor(&shape, &t.token_type_ids)?.into(),
             ));
         }
         let outputs = self.session.run(inputs)?;
-        let (oshape, data) = outputs[0].try_extract_tensor::<f32>()?;
+        let widened: Vec<f32>;
+        let (oshape, data) = match self.info.logits {
+            LogitType::F32 => outputs[0].try_extract_tensor::<f32>()?,
+            LogitType::F16 => {
+                let (shape, h) = outputs[0].try_extract_tensor::<half::f16>()?;
+                widened = h.iter().map(|x| x.to_f32()).collect();
+                (shape, widened.as_slice())
+            }
+        };
         let cols = if oshape.len() >= 2 {
             oshape[1] as usize
         } else {

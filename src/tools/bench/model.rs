@@ -197,6 +197,11 @@ pub fn check_model(cfg: &ModelConfig) -> anyhow::Result<()> {
             "not used (graph has no token_type_ids)"
         }
     );
+    println!(
+        "types      ids {}, logits {}",
+        info.ids.as_str(),
+        info.logits.as_str()
+    );
     println!("activation {}", info.activation);
     println!("device     {}", info.device);
     println!("loaded in  {:.2} s", t0.elapsed().as_secs_f64());
