@@ -56,6 +56,10 @@ pub struct E2eReport {
     /// `batch.max_wait_ms` + 2 × the mean batch: what p99 should stay under at half of max
     /// throughput (one batch in flight when an event arrives, then its own).
     pub latency_bound_ms: f64,
+    /// Process CPU time (user + system, every thread) from the first produce to the last output,
+    /// per pair reranked: the worker, plus this benchmark's own producer and reader (the broker
+    /// runs in another process and is not counted).
+    pub cpu_us_per_pair: f64,
     /// Highest resident set size sampled while the worker ran (the bare sessions excluded).
     pub peak_rss_mb: f64,
     /// The same pairs scored by the bare session in ideal batches (sorted by length, full),
@@ -258,7 +262,7 @@ pub async fn end_to_end(
 
     // Produce (all at once, or paced) while recording each event's send time.
     let sent: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>> = Default::default();
-    let t0 = Instant::now();
+    let (cpu0, t0) = (super::host::cpu_time(), Instant::now());
     let producing = spawn_producer(
         producer.clone(),
         cfg.kafka.input_topic.clone(),
@@ -299,6 +303,7 @@ pub async fn end_to_end(
         }
     }
     let events_done = latencies.len();
+    let cpu = super::host::cpu_time().saturating_sub(cpu0);
     if cut.is_some() {
         producing.abort();
     } else {
@@ -338,6 +343,7 @@ pub async fn end_to_end(
         padding_ratio: measured.padding_ratio(),
         mean_batch_inference_ms,
         latency_bound_ms: cfg.batch.max_wait_ms as f64 + 2.0 * mean_batch_inference_ms,
+        cpu_us_per_pair: cpu.as_secs_f64() * 1e6 / pairs_done.max(1) as f64,
         peak_rss_mb,
         bare_pairs_per_s_before: bare_before,
         bare_pairs_per_s_after: bare_after,
@@ -408,6 +414,10 @@ pub fn print_e2e(r: &E2eReport) {
         r.bare_pairs_per_s, r.bare_pairs_per_s_before, r.bare_pairs_per_s_after
     );
     println!("efficiency  {:>8.3}", r.efficiency);
+    println!(
+        "CPU         {:>8.1} µs/pair  (this process, first produce to last output: worker + bench producer and reader)",
+        r.cpu_us_per_pair
+    );
     println!(
         "latency ms  p50 {:.0}  p95 {:.0}  p99 {:.0}  max {:.0}  (max_wait + 2 × mean batch = {:.0})",
         r.latency_ms.p50,
