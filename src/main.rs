@@ -115,6 +115,10 @@ struct BenchArgs {
     bench_brokers: Option<String>,
     #[arg(long, default_value = reranker::demo::SCIFACT)]
     data: PathBuf,
+    /// End-to-end: then run the Python peer (default scripts/python_peer.py; RERANKER_PYTHON
+    /// names the interpreter) on the same events, broker and model, and print the ratio.
+    #[arg(long, num_args = 0..=1, default_missing_value = "scripts/python_peer.py")]
+    python_peer: Option<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "1,8,16,32,64")]
     batch_sizes: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
@@ -389,6 +393,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         partitions: a.partitions,
                         brokers: a.bench_brokers.clone(),
                         data: a.data.clone(),
+                        python_peer: a.python_peer.clone(),
                     },
                 )
                 .await?;
