@@ -96,6 +96,7 @@ def main():
 
     events = pairs = 0
     first = None  # (time, cpu, pairs) at the first output
+    start = None  # (time, cpu) at the first record
     deadline = time.monotonic() + a.timeout
     while events < a.events:
         if time.monotonic() > deadline:
@@ -107,6 +108,8 @@ def main():
             if msg.error().code() == KafkaError._PARTITION_EOF:
                 continue
             sys.exit(f"python peer: consume error: {msg.error()}")
+        if start is None:
+            start = (time.monotonic(), cpu_s())
         ev = json.loads(msg.value())
         rid = ev.get("request_id", "")
         if not rid.startswith(a.id_prefix):
@@ -139,14 +142,19 @@ def main():
     consumer.close()
     if delivered["err"] is not None:
         sys.exit(f"python peer: produce error: {delivered['err']}")
+    if first is None:
+        sys.exit("python peer: --events 0: nothing to measure")
     t1, c1, p1 = first
     steady = pairs - p1
     wall = t_end - t1
+    if steady == 0 or wall <= 0:  # one event: from its arrival instead
+        (t1, c1), steady = start, pairs
+        wall = t_end - t1
     print(json.dumps({
         "events": events,
         "pairs": pairs,
-        "pairs_per_s": steady / wall if wall > 0 and steady else float("nan"),
-        "cpu_us_per_pair": (cpu_end - c1) * 1e6 / steady if steady else float("nan"),
+        "pairs_per_s": steady / max(wall, 1e-9),
+        "cpu_us_per_pair": (cpu_end - c1) * 1e6 / max(steady, 1),
         "steady_pairs": steady,
         "steady_s": wall,
         "delivered": delivered["n"],

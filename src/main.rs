@@ -117,7 +117,12 @@ struct BenchArgs {
     data: PathBuf,
     /// End-to-end: then run the Python peer (default scripts/python_peer.py; RERANKER_PYTHON
     /// names the interpreter) on the same events, broker and model, and print the ratio.
-    #[arg(long, num_args = 0..=1, default_missing_value = "scripts/python_peer.py")]
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_missing_value = "scripts/python_peer.py",
+        conflicts_with_all = ["model_only", "host_only", "lanes"]
+    )]
     python_peer: Option<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "1,8,16,32,64")]
     batch_sizes: Vec<usize>,
