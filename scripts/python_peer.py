@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    ap.add_argument("--spinning", action="store_true", help="let ONNX Runtime's idle threads spin (its default)")
     ap.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     a = ap.parse_args()
 
@@ -52,6 +53,9 @@ def main():
     so = ort.SessionOptions()
     if a.threads:
         so.intra_op_num_threads = a.threads
+    # ONNX Runtime's default lets idle intra-op threads spin, which bills CPU without work; the
+    # worker turns it off (model.allow_spinning), and the peer follows its setting.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if a.spinning else "0")
     sess = ort.InferenceSession(f"{a.model}/{a.model_file}", so, providers=["CPUExecutionProvider"])
     input_names = {i.name for i in sess.get_inputs()}
 

@@ -385,7 +385,8 @@ pub async fn end_to_end(
 }
 
 /// Runs the Python peer on the benchmark's input topic (its own group, from the beginning) with
-/// the same model, `max_length` and batch size, writing to a topic of its own; the worker has
+/// the same model, `max_length`, batch size, intra-op threads and spinning setting, writing to a
+/// topic of its own; the worker has
 /// stopped by then, so the two never share the machine.
 async fn run_python_peer(
     script: &std::path::Path,
@@ -415,6 +416,7 @@ async fn run_python_peer(
         .args(["--max-length", &cfg.model.max_length.to_string()])
         .args(["--batch", &cfg.batch.max_batch_pairs.to_string()])
         .args(["--threads", &cfg.model.intra_op_threads.to_string()])
+        .args(cfg.model.allow_spinning.then_some("--spinning"))
         .stderr(std::process::Stdio::inherit())
         .output()
         .await
