@@ -132,3 +132,47 @@ fn generated_model_loads_checks_and_scores_deterministically() {
     let logits = |v: &[reranker::model::Score]| v.iter().map(|s| s.logit).collect::<Vec<_>>();
     assert_eq!(logits(&batch), logits(&batch2));
 }
+
+/// `bench --python-peer` on the generated model: the worker and scripts/python_peer.py each
+/// rerank every event on one local tansu, and the report holds both figures and their ratio.
+#[test]
+fn bench_runs_the_worker_and_the_python_peer_on_the_same_events() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("near-zero");
+    assert!(bin()
+        .args(["make-model", "--from"])
+        .arg(common::model_dir())
+        .arg("--out")
+        .arg(&dir)
+        .status()
+        .expect("run make-model")
+        .success());
+    let out = bin()
+        .current_dir(common::repo_root())
+        .env("RUST_LOG", "warn")
+        .args(["bench", "--events", "4", "--candidates", "20", "--json"])
+        .args(["--set", "model.intra_op_threads=1", "--model"])
+        .arg(&dir)
+        .arg("--python-peer")
+        .arg(common::repo_root().join("scripts/python_peer.py"))
+        .output()
+        .expect("run bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench --python-peer failed (scripts/setup.sh --with-python installs the peer's packages): {stderr}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(r["events_done"], 4, "{r}");
+    assert_eq!(r["pairs"], 80, "{r}");
+    assert!(r["e2e_pairs_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["cpu_us_per_pair"].as_f64().unwrap() > 0.0, "{r}");
+    let p = &r["python_peer"];
+    assert_eq!(p["events"], 4, "{r}");
+    assert_eq!(p["pairs"], 80, "{r}");
+    assert_eq!(p["delivered"], 4, "{r}");
+    for k in ["pairs_per_s", "cpu_us_per_pair", "speedup", "cpu_ratio"] {
+        let v = p[k].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "python_peer.{k} = {v}: {r}");
+    }
+}

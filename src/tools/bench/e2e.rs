@@ -86,6 +86,9 @@ pub struct PeerReport {
     pub pairs_per_s: f64,
     /// The Python process's CPU time (every thread, librdkafka's included) per pair.
     pub cpu_us_per_pair: f64,
+    /// Outputs the peer's producer saw delivered.
+    #[serde(default)]
+    pub delivered: usize,
     /// Worker pairs/s ÷ peer pairs/s.
     #[serde(default)]
     pub speedup: f64,
