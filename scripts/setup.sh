@@ -270,7 +270,9 @@ for f in model.onnx tokenizer.json; do
 done
 say "model: $MODEL_DIR"
 
-# --- Python packages for the reference scorer (scripts/reference_score.py) ---
+# --- Python packages for the reference scorer (scripts/reference_score.py) and the Python peer of
+# `reranker bench --python-peer` (scripts/python_peer.py; confluent-kafka's wheel bundles librdkafka) ---
+CONFLUENT_KAFKA_VERSION=2.16.1
 if [ "$WITH_PYTHON" = 1 ]; then
   # The Python reference scorer must tokenize with the same core as the Rust `tokenizers` crate
   # (0.23.2): 0.23.3 gives the odd token of a longest-first split to the other sequence, which
@@ -280,7 +282,12 @@ if [ "$WITH_PYTHON" = 1 ]; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
       "onnxruntime==$ORT_VERSION" "tokenizers==$PY_TOKENIZERS_VERSION" numpy jsonschema >&2
   fi
-  say "python: $(python3 -c 'import onnxruntime, tokenizers; print("onnxruntime", onnxruntime.__version__, "tokenizers", tokenizers.__version__)')"
+  if ! python3 -c "import confluent_kafka; assert confluent_kafka.__version__ == '$CONFLUENT_KAFKA_VERSION'" 2>/dev/null; then
+    say "installing confluent-kafka $CONFLUENT_KAFKA_VERSION (the Python peer's Kafka client)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+      "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2
+  fi
+  say "python: $(python3 -c 'import onnxruntime, tokenizers, confluent_kafka; print("onnxruntime", onnxruntime.__version__, "tokenizers", tokenizers.__version__, "confluent-kafka", confluent_kafka.__version__, "librdkafka", confluent_kafka.libversion()[0])')"
 fi
 
 # --- tansu Kafka broker for the integration tests and the demo ---

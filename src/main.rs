@@ -34,6 +34,9 @@ enum Cmd {
     CheckModel(CheckModelArgs),
     /// Benchmarks. `--model-only`: pairs/s of the bare ONNX Runtime session per batch shape.
     Bench(BenchArgs),
+    /// Write a near-zero-cost model directory for benchmarks: a cross-encoder's inputs and output
+    /// computed as an embedding lookup, a masked mean and a dot product, with --from's tokenizer.
+    MakeModel(MakeModelArgs),
     /// Choose K (candidates reranked per event) and N (outputs): quality before/after reranking
     /// and cost per K on labelled retrieval results; recommends the smallest K within 1% of the
     /// best nDCG@10.
@@ -50,9 +53,29 @@ struct CheckModelArgs {
 }
 
 #[derive(Args, Clone)]
+struct MakeModelArgs {
+    /// Model directory whose tokenizer.json (and config.json) the new model uses; its vocabulary
+    /// sizes the embedding table.
+    #[arg(long, env = "RERANKER_MODEL__DIR")]
+    from: PathBuf,
+    /// Directory to write (created; model.onnx is replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = 16)]
+    dim: usize,
+    /// Seed of the embedding and weight tables.
+    #[arg(long, default_value_t = 13)]
+    seed: u64,
+}
+
+#[derive(Args, Clone)]
 struct BenchArgs {
     #[command(flatten)]
     config: ConfigArgs,
+    /// Model directory (overrides model.dir), e.g. one written by `reranker make-model`.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Benchmark the bare session only (no broker).
     #[arg(long)]
     model_only: bool,
@@ -92,6 +115,15 @@ struct BenchArgs {
     bench_brokers: Option<String>,
     #[arg(long, default_value = reranker::demo::SCIFACT)]
     data: PathBuf,
+    /// End-to-end: then run the Python peer (default scripts/python_peer.py; RERANKER_PYTHON
+    /// names the interpreter) on the same events, broker and model, and print the ratio.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_missing_value = "scripts/python_peer.py",
+        conflicts_with_all = ["model_only", "host_only", "lanes"]
+    )]
+    python_peer: Option<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "1,8,16,32,64")]
     batch_sizes: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
@@ -296,8 +328,22 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || reranker::tools::bench::check_model(&cfg.model))
                 .await?
         }
+        Cmd::MakeModel(a) => {
+            let vocab =
+                reranker::model::synth::write_near_zero_dir(&a.from, &a.out, a.dim, a.seed)?;
+            eprintln!(
+                "wrote {}: near-zero model (vocabulary {vocab} × {} embedding, masked mean, dot product) and the tokenizer of {}",
+                a.out.join("model.onnx").display(),
+                a.dim,
+                a.from.display()
+            );
+            Ok(())
+        }
         Cmd::Bench(a) => {
-            let cfg = a.config.load()?;
+            let mut cfg = a.config.load()?;
+            if let Some(m) = &a.model {
+                cfg.model.dir = m.clone();
+            }
             let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
             if a.lanes {
                 let opts = reranker::tools::bench::LanesOptions {
@@ -352,6 +398,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                         partitions: a.partitions,
                         brokers: a.bench_brokers.clone(),
                         data: a.data.clone(),
+                        python_peer: a.python_peer.clone(),
                     },
                 )
                 .await?;

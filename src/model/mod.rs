@@ -21,6 +21,7 @@ use crate::config::{Device, ModelConfig, OptLevel};
 use crate::obs::telemetry;
 
 pub mod isolate;
+pub mod synth;
 pub mod warm_up;
 use crate::tokenize::EncodedPair;
 

@@ -21,6 +21,9 @@ pub struct E2eOptions {
     /// Use this broker instead of starting a local tansu.
     pub brokers: Option<String>,
     pub data: std::path::PathBuf,
+    /// After the worker: run this Python peer (scripts/python_peer.py) on the same input topic,
+    /// broker and model, and report its pairs/s beside the worker's.
+    pub python_peer: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,6 +59,10 @@ pub struct E2eReport {
     /// `batch.max_wait_ms` + 2 × the mean batch: what p99 should stay under at half of max
     /// throughput (one batch in flight when an event arrives, then its own).
     pub latency_bound_ms: f64,
+    /// Process CPU time (user + system, every thread) from the first produce to the last output,
+    /// per pair reranked: the worker, plus this benchmark's own producer and reader (the broker
+    /// runs in another process and is not counted).
+    pub cpu_us_per_pair: f64,
     /// Highest resident set size sampled while the worker ran (the bare sessions excluded).
     pub peak_rss_mb: f64,
     /// The same pairs scored by the bare session in ideal batches (sorted by length, full),
@@ -67,6 +74,27 @@ pub struct E2eReport {
     pub bare_pairs_per_s: f64,
     /// End-to-end pairs/s ÷ bare pairs/s.
     pub efficiency: f64,
+    /// The Python peer on the same events, broker and model (`--python-peer`).
+    pub python_peer: Option<PeerReport>,
+}
+
+/// What scripts/python_peer.py prints, and the worker's figures over its.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct PeerReport {
+    pub events: usize,
+    pub pairs: usize,
+    pub pairs_per_s: f64,
+    /// The Python process's CPU time (every thread, librdkafka's included) per pair.
+    pub cpu_us_per_pair: f64,
+    /// Outputs the peer's producer saw delivered.
+    #[serde(default)]
+    pub delivered: usize,
+    /// Worker pairs/s ÷ peer pairs/s.
+    #[serde(default)]
+    pub speedup: f64,
+    /// Peer CPU µs/pair ÷ worker (process) CPU µs/pair.
+    #[serde(default)]
+    pub cpu_ratio: f64,
 }
 
 fn percentiles(mut v: Vec<f64>) -> Percentiles {
@@ -258,7 +286,7 @@ pub async fn end_to_end(
 
     // Produce (all at once, or paced) while recording each event's send time.
     let sent: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>> = Default::default();
-    let t0 = Instant::now();
+    let (cpu0, t0) = (super::host::cpu_time(), Instant::now());
     let producing = spawn_producer(
         producer.clone(),
         cfg.kafka.input_topic.clone(),
@@ -299,6 +327,7 @@ pub async fn end_to_end(
         }
     }
     let events_done = latencies.len();
+    let cpu = super::host::cpu_time().saturating_sub(cpu0);
     if cut.is_some() {
         producing.abort();
     } else {
@@ -322,6 +351,16 @@ pub async fn end_to_end(
         Some((t, n)) if last > t => (pairs_done - n) as f64 / last.duration_since(t).as_secs_f64(),
         _ => pairs_done as f64 / wall,
     };
+    let cpu_us_per_pair = cpu.as_secs_f64() * 1e6 / pairs_done.max(1) as f64;
+    let python_peer = match &opt.python_peer {
+        Some(script) => {
+            let mut p = run_python_peer(script, &cfg, &opt, events_done).await?;
+            p.speedup = e2e / p.pairs_per_s;
+            p.cpu_ratio = p.cpu_us_per_pair / cpu_us_per_pair;
+            Some(p)
+        }
+        None => None,
+    };
     Ok(E2eReport {
         events: opt.events,
         events_done,
@@ -338,12 +377,62 @@ pub async fn end_to_end(
         padding_ratio: measured.padding_ratio(),
         mean_batch_inference_ms,
         latency_bound_ms: cfg.batch.max_wait_ms as f64 + 2.0 * mean_batch_inference_ms,
+        cpu_us_per_pair,
         peak_rss_mb,
         bare_pairs_per_s_before: bare_before,
         bare_pairs_per_s_after: bare_after,
         bare_pairs_per_s: bare,
         efficiency: e2e / bare,
+        python_peer,
     })
+}
+
+/// Runs the Python peer on the benchmark's input topic (its own group, from the beginning) with
+/// the same model, `max_length`, batch size, intra-op threads and spinning setting, writing to a
+/// topic of its own; the worker has
+/// stopped by then, so the two never share the machine.
+async fn run_python_peer(
+    script: &std::path::Path,
+    cfg: &crate::config::Config,
+    opt: &E2eOptions,
+    events: usize,
+) -> anyhow::Result<PeerReport> {
+    let output = format!("{}-python", cfg.kafka.output_topic);
+    crate::broker::create_topics(&cfg.kafka.brokers, &[(&output, opt.partitions)]).await?;
+    let python = std::env::var("RERANKER_PYTHON").unwrap_or_else(|_| "python3".into());
+    eprintln!(
+        "running the Python peer ({python} {}) on the same events…",
+        script.display()
+    );
+    let out = tokio::process::Command::new(&python)
+        .arg(script)
+        .args(["--brokers", &cfg.kafka.brokers])
+        .args(["--input", &cfg.kafka.input_topic])
+        .args(["--output", &output])
+        .args(["--group", &format!("{}-python", cfg.kafka.group_id)])
+        .arg("--model")
+        .arg(&cfg.model.dir)
+        .arg("--model-file")
+        .arg(&cfg.model.file)
+        .args(["--events", &events.to_string()])
+        .args(["--id-prefix", "bench-"])
+        .args(["--max-length", &cfg.model.max_length.to_string()])
+        .args(["--batch", &cfg.batch.max_batch_pairs.to_string()])
+        .args(["--threads", &cfg.model.intra_op_threads.to_string()])
+        .args(cfg.model.allow_spinning.then_some("--spinning"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .with_context(|| format!("cannot run {python} {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the Python peer failed ({}); `scripts/setup.sh --with-python` installs what it needs",
+        out.status
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .with_context(|| format!("the Python peer printed no report (stdout: {stdout:?})"))
 }
 
 /// The error of a worker that ended while the benchmark still waited for outputs.
@@ -409,6 +498,10 @@ pub fn print_e2e(r: &E2eReport) {
     );
     println!("efficiency  {:>8.3}", r.efficiency);
     println!(
+        "CPU         {:>8.1} µs/pair  (this process, first produce to last output: worker + bench producer and reader)",
+        r.cpu_us_per_pair
+    );
+    println!(
         "latency ms  p50 {:.0}  p95 {:.0}  p99 {:.0}  max {:.0}  (max_wait + 2 × mean batch = {:.0})",
         r.latency_ms.p50,
         r.latency_ms.p95,
@@ -418,4 +511,14 @@ pub fn print_e2e(r: &E2eReport) {
     );
     println!("batches     {}  mean {:.1} pairs (max {})  padding ratio {:.3}  mean batch inference {:.0} ms", r.batches, r.mean_batch_pairs, r.max_batch_pairs, r.padding_ratio, r.mean_batch_inference_ms);
     println!("peak RSS    {:.0} MB", r.peak_rss_mb);
+    if let Some(p) = &r.python_peer {
+        println!(
+            "python peer {:>8.1} pairs/s  {:>7.1} CPU µs/pair  ({} events, {} pairs; same broker, events, model, max_length, batch size)",
+            p.pairs_per_s, p.cpu_us_per_pair, p.events, p.pairs
+        );
+        println!(
+            "vs python   {:>8.2}× pairs/s  {:.2}× less CPU per pair",
+            p.speedup, p.cpu_ratio
+        );
+    }
 }
