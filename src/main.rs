@@ -67,6 +67,12 @@ struct MakeModelArgs {
     /// Seed of the embedding and weight tables.
     #[arg(long, default_value_t = 13)]
     seed: u64,
+    /// Element type of the id inputs (int64 or int32), as exports differ.
+    #[arg(long, default_value = "int64", value_parser = ["int64", "int32"])]
+    ids: String,
+    /// Element type of the logits (float32 or float16, as fp16 exports keep).
+    #[arg(long, default_value = "float32", value_parser = ["float32", "float16"])]
+    logits: String,
 }
 
 #[derive(Args, Clone)]
@@ -329,8 +335,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .await?
         }
         Cmd::MakeModel(a) => {
-            let vocab =
-                reranker::model::synth::write_near_zero_dir(&a.from, &a.out, a.dim, a.seed)?;
+            use reranker::model::{synth, IdType, LogitType};
+            let io = synth::Interface {
+                ids: if a.ids == "int32" {
+                    IdType::I32
+                } else {
+                    IdType::I64
+                },
+                logits: if a.logits == "float16" {
+                    LogitType::F16
+                } else {
+                    LogitType::F32
+                },
+            };
+            let vocab = synth::write_near_zero_dir(&a.from, &a.out, a.dim, a.seed, io)?;
             eprintln!(
                 "wrote {}: near-zero model (vocabulary {vocab} × {} embedding, masked mean, dot product) and the tokenizer of {}",
                 a.out.join("model.onnx").display(),

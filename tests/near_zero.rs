@@ -176,3 +176,91 @@ fn bench_runs_the_worker_and_the_python_peer_on_the_same_events() {
         assert!(v.is_finite() && v > 0.0, "python_peer.{k} = {v}: {r}");
     }
 }
+
+/// GPU exports vary in their interface: int32 id inputs, fp16 logits. The worker reads the types
+/// from the graph; the same weights behind each interface must score the same (bit for bit with
+/// int32 ids, within half-precision rounding with fp16 logits) on real pairs.
+#[test]
+fn int32_ids_and_fp16_logits_score_like_int64_and_fp32() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let make = |name: &str, ids: &str, logits: &str| {
+        let dir = tmp.path().join(name);
+        let out = bin()
+            .args(["make-model", "--ids", ids, "--logits", logits, "--from"])
+            .arg(common::model_dir())
+            .arg("--out")
+            .arg(&dir)
+            .output()
+            .expect("run make-model");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let check = bin()
+            .args([
+                "check-model",
+                "--set",
+                "model.intra_op_threads=1",
+                "--model",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("run check-model");
+        let stdout = String::from_utf8_lossy(&check.stdout).into_owned();
+        assert!(check.status.success(), "{stdout}");
+        assert!(
+            stdout.contains(&format!("types      ids {ids}, logits {logits}")),
+            "{stdout}"
+        );
+        dir
+    };
+    let dirs = [
+        make("i64-f32", "int64", "float32"),
+        make("i32-f32", "int32", "float32"),
+        make("i64-f16", "int64", "float16"),
+        make("i32-f16", "int32", "float16"),
+    ];
+    let tok = PairTokenizer::from_file(&dirs[0].join("tokenizer.json"), 256).expect("tokenizer");
+    let mut pairs = Vec::new();
+    for e in common::scifact_events(4, 8) {
+        let q = e["query"].as_str().expect("query");
+        for c in e["candidates"].as_array().expect("candidates") {
+            pairs.push(tok.encode(q, c["text"].as_str().expect("text")).unwrap());
+        }
+    }
+    let batch = TensorBatch::from_pairs(pairs.iter(), tok.pad_id());
+    let scores: Vec<Vec<f32>> = dirs
+        .iter()
+        .map(|dir| {
+            let cfg = ModelConfig {
+                dir: dir.clone(),
+                intra_op_threads: 1,
+                ..ModelConfig::default()
+            };
+            let mut s = Scorer::load(&cfg, "near-zero").expect("load");
+            s.score(&batch)
+                .expect("score")
+                .iter()
+                .map(|s| s.logit)
+                .collect()
+        })
+        .collect();
+    let fp32 = &scores[0];
+    assert_eq!(fp32.len(), pairs.len());
+    assert!(
+        fp32.windows(2).any(|w| w[0] != w[1]),
+        "the pairs must not all score alike"
+    );
+    assert_eq!(&scores[1], fp32, "int32 ids change the scores");
+    for half in &scores[2..] {
+        for (a, b) in fp32.iter().zip(half) {
+            // Half precision keeps 11 significant bits: a relative error of at most 2^-11.
+            assert!(
+                (a - b).abs() <= a.abs() / 2048.0 + 1e-7,
+                "fp16 logit {b} vs fp32 {a}"
+            );
+        }
+        assert_ne!(half, fp32, "fp16 logits are rounded, so not all equal");
+    }
+}

@@ -16,6 +16,24 @@ use anyhow::Context;
 /// `TensorProto.DataType`.
 pub const FLOAT: u64 = 1;
 pub const INT64: u64 = 7;
+pub const INT32: u64 = 6;
+pub const FLOAT16: u64 = 10;
+
+/// The element types of a generated model's interface: what GPU exports vary in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interface {
+    pub ids: super::IdType,
+    pub logits: super::LogitType,
+}
+
+impl Default for Interface {
+    fn default() -> Self {
+        Self {
+            ids: super::IdType::I64,
+            logits: super::LogitType::F32,
+        }
+    }
+}
 
 pub fn varint(mut v: u64, out: &mut Vec<u8>) {
     while v >= 0x80 {
@@ -141,7 +159,7 @@ fn table(n: usize, state: &mut u64) -> Vec<u8> {
 }
 
 /// The near-zero-cost cross-encoder's `model.onnx` bytes (IR 8, opset 17).
-pub fn near_zero_model(vocab: usize, dim: usize, seed: u64) -> Vec<u8> {
+pub fn near_zero_model(vocab: usize, dim: usize, seed: u64, io: Interface) -> Vec<u8> {
     let (v, d) = (vocab as i64, dim as i64);
     let mut state = seed;
     let mut g = Vec::new();
@@ -196,7 +214,21 @@ pub fn near_zero_model(vocab: usize, dim: usize, seed: u64) -> Vec<u8> {
         node("MatMul", &["mask_row", "e"], "sum", "masked_sum", &[]),
         node("MatMul", &["sum", "w"], "dot3", "dot", &[]),
         node("Squeeze", &["dot3", "axis_2"], "dot", "squeeze", &[]),
-        node("Div", &["dot", "count"], "logits", "mean", &[]),
+        node("Div", &["dot", "count"], "logits_f32", "mean", &[]),
+        // An fp16 export's output: the same values rounded to half precision.
+        node(
+            "Cast",
+            &["logits_f32"],
+            "logits",
+            "logits_cast",
+            &[(
+                "to",
+                Attr::Int(match io.logits {
+                    super::LogitType::F32 => FLOAT,
+                    super::LogitType::F16 => FLOAT16,
+                } as i64),
+            )],
+        ),
     ];
     for n in &nodes {
         bytes_field(1, n, &mut g);
@@ -213,12 +245,24 @@ pub fn near_zero_model(vocab: usize, dim: usize, seed: u64) -> Vec<u8> {
     for t in &inits {
         bytes_field(5, t, &mut g);
     }
+    let ids = match io.ids {
+        super::IdType::I64 => INT64,
+        super::IdType::I32 => INT32,
+    };
     for name in ["input_ids", "attention_mask", "token_type_ids"] {
-        bytes_field(11, &value_info(name, INT64, Some(&batch_seq)), &mut g);
+        bytes_field(11, &value_info(name, ids, Some(&batch_seq)), &mut g);
     }
+    let logits = match io.logits {
+        super::LogitType::F32 => FLOAT,
+        super::LogitType::F16 => FLOAT16,
+    };
     bytes_field(
         12,
-        &value_info("logits", FLOAT, Some(&[Dim::Param("batch"), Dim::Value(1)])),
+        &value_info(
+            "logits",
+            logits,
+            Some(&[Dim::Param("batch"), Dim::Value(1)]),
+        ),
         &mut g,
     );
 
@@ -250,6 +294,7 @@ pub fn write_near_zero_dir(
     out: &Path,
     dim: usize,
     seed: u64,
+    io: Interface,
 ) -> anyhow::Result<usize> {
     anyhow::ensure!(dim > 0, "the embedding dimension must be at least 1");
     let tok_path = from.join("tokenizer.json");
@@ -279,7 +324,7 @@ pub fn write_near_zero_dir(
     }
     let path = out.join("model.onnx");
     let tmp = out.join("model.onnx.tmp");
-    std::fs::write(&tmp, near_zero_model(vocab, dim, seed))
+    std::fs::write(&tmp, near_zero_model(vocab, dim, seed, io))
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(vocab)
