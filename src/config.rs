@@ -281,6 +281,8 @@ pub struct PipelineConfig {
     /// Threads that decode and tokenize events, many events at once; 0 means the cores left after
     /// inference (`model.intra_op_threads`), at least 1.
     pub admission_threads: usize,
+    /// Passage encodings kept across events, in MiB; 0 = no cache.
+    pub passage_cache_mb: usize,
 }
 
 impl PipelineConfig {

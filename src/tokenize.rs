@@ -5,7 +5,10 @@
 //! done per batch by the batcher, so pairs stay unpadded here.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::config::LongPassages;
@@ -48,6 +51,40 @@ pub struct PairTokenizer {
     pair_special: usize,
     /// Set in `chunk_max` mode: the window overlap in tokens.
     chunking: Option<usize>,
+    /// SHA-256 of the tokenizer file: part of every passage cache key.
+    file_hash: [u8; 32],
+    cache: Option<PassageCache>,
+}
+
+/// Passage encodings kept across events and replays (`pipeline.passage_cache_mb`): RAG corpora
+/// repeat passages across queries. A key is 128 bits of SHA-256 over the tokenizer file's hash,
+/// `max_length`, the long-passage mode and the text, so a key never outlives what produced it.
+struct PassageCache {
+    map: quick_cache::sync::Cache<[u8; 16], Arc<Encoding>, SideWeight>,
+    /// The hasher with everything but the text already fed.
+    seed: Sha256,
+    stats: Arc<PassageCacheStats>,
+}
+
+/// Hits and misses of the passage cache, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct PassageCacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    /// Bytes held now (the cache's own estimate).
+    pub bytes: AtomicU64,
+    pub capacity_bytes: u64,
+}
+
+/// An entry's bytes: its flat vectors (ids, words, offsets, special mask, mask, type ids, empty
+/// token strings) and the key.
+#[derive(Clone)]
+struct SideWeight;
+
+impl quick_cache::Weighter<[u8; 16], Arc<Encoding>> for SideWeight {
+    fn weight(&self, _: &[u8; 16], e: &Arc<Encoding>) -> u64 {
+        96 + e.len() as u64 * 64
+    }
 }
 
 /// A query encoded once for all the candidates of its event (no special tokens, not truncated).
@@ -116,6 +153,8 @@ impl PairTokenizer {
             .post_process(Encoding::default(), Some(Encoding::default()), true)
             .map_err(|e| anyhow::anyhow!("cannot post-process an empty pair: {e}"))?
             .len();
+        let file = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", path.display()))?;
         Ok(Self {
             tok,
             raw,
@@ -123,6 +162,8 @@ impl PairTokenizer {
             max_length,
             pair_special,
             chunking: None,
+            file_hash: Sha256::digest(&file).into(),
+            cache: None,
         })
     }
 
@@ -138,6 +179,59 @@ impl PairTokenizer {
             LongPassages::ChunkMax => Some(overlap),
         };
         Ok(self)
+    }
+
+    /// Keeps passage encodings up to `megabytes` (0: no cache). Call after the other settings.
+    pub fn with_passage_cache(mut self, megabytes: usize) -> Self {
+        if megabytes == 0 {
+            self.cache = None;
+            return self;
+        }
+        let capacity = megabytes as u64 * 1024 * 1024;
+        let mut seed = Sha256::new();
+        seed.update(self.file_hash);
+        seed.update((self.max_length as u64).to_le_bytes());
+        seed.update(self.chunking.map_or(u64::MAX, |o| o as u64).to_le_bytes());
+        self.cache = Some(PassageCache {
+            // ~200 tokens a passage, the weight estimate's scale.
+            map: quick_cache::sync::Cache::with_weighter(
+                (capacity / (96 + 200 * 64)).max(16) as usize,
+                capacity,
+                SideWeight,
+            ),
+            seed,
+            stats: Arc::new(PassageCacheStats {
+                capacity_bytes: capacity,
+                ..Default::default()
+            }),
+        });
+        self
+    }
+
+    /// The passage cache's counters; `None` without a cache.
+    pub fn passage_cache_stats(&self) -> Option<Arc<PassageCacheStats>> {
+        self.cache.as_ref().map(|c| c.stats.clone())
+    }
+
+    /// A passage's side of a pair, from the cache when it holds it.
+    fn passage(&self, text: &str) -> anyhow::Result<Encoding> {
+        let Some(c) = &self.cache else {
+            return self.side(text, 1);
+        };
+        let mut h = c.seed.clone();
+        h.update(text.as_bytes());
+        let digest = h.finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        if let Some(e) = c.map.get(&key) {
+            c.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((*e).clone());
+        }
+        c.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let e = self.side(text, 1)?;
+        c.map.insert(key, Arc::new(e.clone()));
+        c.stats.bytes.store(c.map.weight(), Ordering::Relaxed);
+        Ok(e)
     }
 
     /// One side of a pair, encoded alone exactly as `encode` encodes it inside the pair.
@@ -169,7 +263,7 @@ impl PairTokenizer {
         passage: &str,
     ) -> anyhow::Result<EncodedCandidate> {
         let err = |e| anyhow::anyhow!("tokenization failed: {e}");
-        let p = self.side(passage, 1)?;
+        let p = self.passage(passage)?;
         if let Some(overlap) = self.chunking {
             return self.windows(query.0.clone(), p, overlap);
         }

@@ -150,3 +150,50 @@ fn longest_first_cuts_both_sides_when_both_are_long() {
         );
     }
 }
+
+/// The passage cache (`pipeline.passage_cache_mb`) changes nothing but the work: on 40 SciFact
+/// queries, encoding every pair twice through a cached tokenizer gives the ids of encoding each
+/// pair whole, counts a miss per distinct passage and a hit for every repeat, and a 1 MiB cache
+/// stays within its bound while it evicts. The chunk_max windows come out the same from it too.
+#[test]
+fn the_passage_cache_gives_the_same_ids_and_counts_its_hits() {
+    let events: Vec<_> = scifact().into_iter().take(40).collect();
+    let distinct: std::collections::HashSet<&str> = events
+        .iter()
+        .flat_map(|(_, ps)| ps.iter().map(String::as_str))
+        .collect();
+    let pairs: usize = events.iter().map(|(_, ps)| ps.len()).sum();
+    for mode in [LongPassages::Truncate, LongPassages::ChunkMax] {
+        let tok = tokenizer(128, mode).with_passage_cache(256);
+        let stats = tok.passage_cache_stats().expect("a cache");
+        same_both_ways(&tok, &events);
+        same_both_ways(&tok, &events);
+        let hits = stats.hits.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        let misses = stats.misses.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        assert_eq!(
+            misses,
+            distinct.len(),
+            "{mode:?}: one miss per distinct passage"
+        );
+        assert_eq!(
+            hits,
+            2 * pairs - distinct.len(),
+            "{mode:?}: every repeat hits"
+        );
+    }
+    let small = tokenizer(128, LongPassages::Truncate).with_passage_cache(1);
+    let stats = small.passage_cache_stats().expect("a cache");
+    same_both_ways(&small, &events);
+    let bytes = stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        bytes > 0 && bytes <= stats.capacity_bytes,
+        "{bytes} bytes in a {}-byte cache",
+        stats.capacity_bytes
+    );
+    // Far more passages than fit: evicted ones miss again when they repeat.
+    assert!(stats.misses.load(std::sync::atomic::Ordering::Relaxed) as usize >= distinct.len());
+    assert!(tokenizer(128, LongPassages::Truncate)
+        .with_passage_cache(0)
+        .passage_cache_stats()
+        .is_none());
+}

@@ -29,6 +29,8 @@
 //! | `reranker.consumer.lag` (`{message}`, per partition) | `reranker_consumer_lag{messaging_destination_name, messaging_destination_partition_id}` |
 //! | `reranker.consumer.assigned_partitions` | `reranker_consumer_assigned_partitions` |
 //! | `reranker.consumer.paused_partitions` | `reranker_consumer_paused_partitions` |
+//! | `reranker.passage_cache.hits` / `.misses` (`{passage}`) | `reranker_passage_cache_hits_total` / `_misses_total` |
+//! | `reranker.passage_cache.size` (bytes) | `reranker_passage_cache_size_bytes` |
 //! | `reranker.consumer.stalled_partitions` | `reranker_consumer_stalled_partitions` |
 //! | `reranker.inflight.pairs` (`{pair}`) | `reranker_inflight_pairs` |
 //! | `reranker.model.info` (=1; `model.name`, `model.revision`, `device`) | `reranker_model_info{model_name, model_revision, device}` |
@@ -98,6 +100,8 @@ pub struct Metrics {
     inference: Histogram<f64>,
     event_duration: Histogram<f64>,
     _gauges: (Vec<ObservableGauge<u64>>, ObservableGauge<i64>),
+    _passage_cache: Vec<opentelemetry::metrics::ObservableCounter<u64>>,
+    _passage_cache_bytes: Option<ObservableGauge<u64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -300,6 +304,8 @@ impl Metrics {
                 EVENT_BUCKETS,
             ),
             _gauges: (gauges, lag),
+            _passage_cache: Vec::new(),
+            _passage_cache_bytes: None,
             registry,
             provider,
         })
@@ -325,6 +331,49 @@ impl Metrics {
     pub fn inference_recovery(&self, retries: u32, split_runs: u32) {
         self.inference_retries.add(retries as u64, &[]);
         self.inference_split_runs.add(split_runs as u64, &[]);
+    }
+
+    /// Exports the passage cache's hits, misses and size (`pipeline.passage_cache_mb`), read at
+    /// scrape time; the hit ratio is hits / (hits + misses).
+    pub fn observe_passage_cache(&mut self, stats: Arc<crate::tokenize::PassageCacheStats>) {
+        let meter = self.provider.meter("reranker");
+        let count = |name: &'static str, desc: &'static str, hits: bool| {
+            let s = stats.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_unit("{passage}")
+                .with_description(desc)
+                .with_callback(move |o| {
+                    let c = if hits { &s.hits } else { &s.misses };
+                    o.observe(c.load(std::sync::atomic::Ordering::Relaxed), &[])
+                })
+                .build()
+        };
+        self._passage_cache = vec![
+            count(
+                "reranker.passage_cache.hits",
+                "Passages whose encoding came from the cache",
+                true,
+            ),
+            count(
+                "reranker.passage_cache.misses",
+                "Passages tokenized and then cached",
+                false,
+            ),
+        ];
+        let s = stats.clone();
+        self._passage_cache_bytes = Some(
+            meter
+                .u64_observable_gauge("reranker.passage_cache.size")
+                .with_unit("By")
+                .with_description(
+                    "Bytes the passage cache holds (pipeline.passage_cache_mb bounds it)",
+                )
+                .with_callback(move |o| {
+                    o.observe(s.bytes.load(std::sync::atomic::Ordering::Relaxed), &[])
+                })
+                .build(),
+        );
     }
 
     pub fn deadline_missed(&self, action: &'static str) {
@@ -405,7 +454,7 @@ mod tests {
     fn prometheus_names_follow_otel_conventions() {
         let h = Arc::new(Health::new(Duration::from_secs(1), Duration::from_secs(60)));
         h.set_assigned(3);
-        let m = Metrics::new(
+        let mut m = Metrics::new(
             ModelLabels {
                 name: "m",
                 revision: "abc",
@@ -416,6 +465,13 @@ mod tests {
             &OtelConfig::default(),
         )
         .unwrap();
+        let cache = Arc::new(crate::tokenize::PassageCacheStats::default());
+        cache.hits.store(5, std::sync::atomic::Ordering::Relaxed);
+        cache.misses.store(2, std::sync::atomic::Ordering::Relaxed);
+        cache
+            .bytes
+            .store(4096, std::sync::atomic::Ordering::Relaxed);
+        m.observe_passage_cache(cache);
         m.consumed();
         m.consumed();
         m.dead_lettered(ErrorCode::InvalidJson);
@@ -441,6 +497,9 @@ mod tests {
             "reranker_event_duration_seconds_sum{otel_scope_name=\"reranker\"} 1",
             "reranker_consumer_assigned_partitions{otel_scope_name=\"reranker\"} 3",
             "reranker_inflight_pairs{otel_scope_name=\"reranker\"} 7",
+            "reranker_passage_cache_hits_total{otel_scope_name=\"reranker\"} 5",
+            "reranker_passage_cache_misses_total{otel_scope_name=\"reranker\"} 2",
+            "reranker_passage_cache_size_bytes{otel_scope_name=\"reranker\"} 4096",
             "reranker_model_info{device=\"cpu\",model_name=\"m\",model_revision=\"abc\",otel_scope_name=\"reranker\"} 1",
         ] {
             assert!(text.contains(want), "missing `{want}` in\n{text}");

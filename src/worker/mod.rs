@@ -105,7 +105,8 @@ impl Worker {
     pub fn load(cfg: Config) -> anyhow::Result<Self> {
         let tokenizer = Arc::new(
             PairTokenizer::from_file(&cfg.model.dir.join("tokenizer.json"), cfg.model.max_length)?
-                .with_long_passages(cfg.model.long_passages, cfg.model.chunk_overlap)?,
+                .with_long_passages(cfg.model.long_passages, cfg.model.chunk_overlap)?
+                .with_passage_cache(cfg.pipeline.passage_cache_mb),
         );
         let mut scorer = Scorer::load(&cfg.model, &cfg.model_name())?;
         model::warm_up::warm_up(&mut scorer, &tokenizer, &cfg)?;
@@ -116,7 +117,7 @@ impl Worker {
         health.set_model_warmed();
         let inflight = Arc::new(InflightPairs::default());
         let info = scorer.info();
-        let metrics = Metrics::new(
+        let mut metrics = Metrics::new(
             ModelLabels {
                 name: &info.name,
                 revision: &info.revision,
@@ -129,6 +130,9 @@ impl Worker {
             },
             &cfg.otel,
         )?;
+        if let Some(stats) = tokenizer.passage_cache_stats() {
+            metrics.observe_passage_cache(stats);
+        }
         Ok(Self {
             cfg,
             scorer,

@@ -42,6 +42,9 @@ pub struct HostRow {
     pub cpu_us_per_pair: f64,
     /// Output bytes rendered, to show the outputs were made.
     pub output_bytes: u64,
+    /// Share of passages served by `pipeline.passage_cache_mb`'s cache, when it is on (each run
+    /// starts with an empty one).
+    pub passage_cache_hit_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,10 +97,14 @@ pub fn host_only(cfg: &Config, opts: &HostOptions) -> anyhow::Result<HostReport>
         .iter()
         .map(serde_json::to_vec)
         .collect::<Result<_, _>>()?;
-    let tokenizer = Arc::new(
-        PairTokenizer::from_file(&cfg.model.dir.join("tokenizer.json"), cfg.model.max_length)?
-            .with_long_passages(cfg.model.long_passages, cfg.model.chunk_overlap)?,
-    );
+    let load = || -> anyhow::Result<Arc<PairTokenizer>> {
+        Ok(Arc::new(
+            PairTokenizer::from_file(&cfg.model.dir.join("tokenizer.json"), cfg.model.max_length)?
+                .with_long_passages(cfg.model.long_passages, cfg.model.chunk_overlap)?
+                .with_passage_cache(cfg.pipeline.passage_cache_mb),
+        ))
+    };
+    let tokenizer = load()?;
     let texts: Vec<(&str, &str)> = events
         .iter()
         .flat_map(|e| {
@@ -112,7 +119,14 @@ pub fn host_only(cfg: &Config, opts: &HostOptions) -> anyhow::Result<HostReport>
     let cfg = Arc::new(cfg.clone());
     let mut rows = Vec::new();
     for &threads in &opts.threads {
-        rows.push(run_pool(&cfg, &tokenizer, &payloads, texts.len(), threads)?);
+        // A fresh (empty) passage cache per run, so that runs compare.
+        let tokenizer = load()?;
+        let mut row = run_pool(&cfg, &tokenizer, &payloads, texts.len(), threads)?;
+        row.passage_cache_hit_ratio = tokenizer.passage_cache_stats().map(|s| {
+            let hits = s.hits.load(Ordering::Relaxed) as f64;
+            hits / (hits + s.misses.load(Ordering::Relaxed) as f64).max(1.0)
+        });
+        rows.push(row);
     }
     // The floor: the tokenizer alone, the pair as one input, one thread, same pairs.
     let (c0, t0) = (cpu_time(), Instant::now());
@@ -281,6 +295,7 @@ fn run_pool(
             pairs_per_s: pairs as f64 / wall.as_secs_f64(),
             cpu_us_per_pair: cpu.as_secs_f64() * 1e6 / pairs.max(1) as f64,
             output_bytes: sink.bytes.load(Ordering::Relaxed),
+            passage_cache_hit_ratio: None,
         })
     })
 }
@@ -307,4 +322,10 @@ pub fn print_host(r: &HostReport) {
         "bare tokenizer (pair encode, 1 thread): {:.1} CPU µs/pair, {:.0} pairs/s",
         r.bare_tokenizer_cpu_us_per_pair, r.bare_tokenizer_pairs_per_s
     );
+    if let Some(h) = r.rows.first().and_then(|x| x.passage_cache_hit_ratio) {
+        println!(
+            "passage cache on (pipeline.passage_cache_mb): {:.1} % of passages hit",
+            100.0 * h
+        );
+    }
 }
