@@ -160,7 +160,10 @@ impl Batcher {
         let oldest = self.pool.first()?;
         let timed_out = now >= oldest.enqueued + self.policy.max_wait;
         // Polled on every event admitted: when the whole pool fits both budgets and has not
-        // waited long enough, no close condition can hold, and sorting it would be wasted.
+        // waited long enough, no close condition can hold, and sorting it would be wasted. It is
+        // also what keeps a two-lane pool from closing early: a batch built around the
+        // interactive pairs leaves longer bulk pairs out, and `count < pool.len()` below would
+        // read that as the token budget closing the batch.
         let n = self.pool.len();
         if !timed_out && n < self.policy.max_pairs {
             let longest = self.pool.iter().map(|p| p.pair.len()).max().unwrap_or(0);

@@ -52,19 +52,12 @@ fn round_trip_matches_reference_scores() {
             "batch.max_wait_ms=20".into(),
         ],
     );
-    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(900), |r| {
-        r.len() >= events.len()
-    });
-    assert_eq!(
-        w.terminate(Duration::from_secs(60)),
-        Some(0),
-        "clean exit on SIGTERM\n{}",
-        w.log_text()
-    );
-    assert_eq!(
-        recs.len(),
+    let recs = answered_then_stopped(
+        &bs,
+        &[&t.output, &t.dlq],
+        &mut w,
         events.len(),
-        "exactly one record per input event"
+        Duration::from_secs(900),
     );
     assert!(
         recs.iter().all(|r| r.topic == t.output),
@@ -498,16 +491,13 @@ fn contract_options_round_trip() {
             r#"output.labels=[{name="unlikely",min_relevance=0.0},{name="likely",min_relevance=0.3},{name="very likely",min_relevance=0.7}]"#.into(),
         ],
     );
-    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(300), |r| {
-        r.len() >= events.len()
-    });
-    assert_eq!(
-        w.terminate(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        w.log_text()
+    let recs = answered_then_stopped(
+        &bs,
+        &[&t.output, &t.dlq],
+        &mut w,
+        events.len(),
+        Duration::from_secs(300),
     );
-    assert_eq!(recs.len(), events.len(), "{}", w.log_text());
 
     let schema = |name: &str| {
         let path = repo_root().join("schemas").join(name);
@@ -639,17 +629,14 @@ fn a_pair_that_fails_inference_alone_dead_letters_only_its_event() {
             "inference.retry_backoff_ms=10".into(),
         ],
     );
-    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(600), |r| {
-        r.len() >= events.len()
-    });
-    assert_eq!(
-        w.terminate(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        w.log_text()
+    let recs = answered_then_stopped(
+        &bs,
+        &[&t.output, &t.dlq],
+        &mut w,
+        events.len(),
+        Duration::from_secs(600),
     );
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(recs.len(), events.len(), "one record per event");
 
     let dead: Vec<Value> = recs
         .iter()
@@ -752,16 +739,13 @@ fn events_whose_deadline_passes_in_the_queue_are_dead_lettered_before_inference(
         .map(|(i, e)| Input::json(&format!("k{i}"), e, i as i32 % 2))
         .collect();
     rt.block_on(produce(&bs, &t.input, &inputs));
-    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(300), |r| {
-        r.len() >= events.len()
-    });
-    assert_eq!(
-        w.terminate(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        w.log_text()
+    let recs = answered_then_stopped(
+        &bs,
+        &[&t.output, &t.dlq],
+        &mut w,
+        events.len(),
+        Duration::from_secs(300),
     );
-    assert_eq!(recs.len(), events.len(), "one record per event");
     let outputs = recs.iter().filter(|r| r.topic == t.output).count();
     let dead: Vec<Value> = recs
         .iter()
@@ -823,16 +807,13 @@ fn an_interactive_event_overtakes_a_bulk_backlog() {
             "priority.default=\"bulk\"".into(),
         ],
     );
-    let recs = collect(&bs, &[&t.output, &t.dlq], Duration::from_secs(600), |r| {
-        r.len() >= events.len()
-    });
-    assert_eq!(
-        w.terminate(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        w.log_text()
+    let recs = answered_then_stopped(
+        &bs,
+        &[&t.output, &t.dlq],
+        &mut w,
+        events.len(),
+        Duration::from_secs(600),
     );
-    assert_eq!(recs.len(), events.len(), "one record per event");
     assert!(recs.iter().all(|r| r.topic == t.output), "no dead letters");
     let mut bulk = Vec::new();
     let mut interactive = None;

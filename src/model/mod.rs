@@ -513,6 +513,25 @@ impl InferRequest {
             links,
         }
     }
+
+    /// The result of scoring this request, begun at `started`: `out` holds a score or an error
+    /// per row. The one way results are made, by the session thread and by benchmark scorers.
+    pub fn finish(self, out: isolate::Isolated, started: Instant) -> InferResult {
+        InferResult {
+            keys: self.keys,
+            scores: out.rows,
+            started,
+            elapsed: started.elapsed(),
+            enqueued: self.enqueued,
+            rows: self.tensors.rows,
+            seq_len: self.tensors.seq_len,
+            real_tokens: self.real_tokens,
+            reason: self.reason,
+            retries: out.retries,
+            split_runs: out.split_runs,
+            out_of_memory: out.out_of_memory,
+        }
+    }
 }
 
 /// Why a batch, or one event of it, has no usable scores; its events are dead-lettered as
@@ -587,20 +606,7 @@ pub fn spawn(
                     span.record("otel.status_description", e.to_string().as_str());
                 }
                 drop(span);
-                let res = InferResult {
-                    keys: req.keys,
-                    scores: out.rows,
-                    started,
-                    elapsed: started.elapsed(),
-                    enqueued: req.enqueued,
-                    rows: req.tensors.rows,
-                    seq_len: req.tensors.seq_len,
-                    real_tokens: req.real_tokens,
-                    reason: req.reason,
-                    retries: out.retries,
-                    split_runs: out.split_runs,
-                    out_of_memory: out.out_of_memory,
-                };
+                let res = req.finish(out, started);
                 if tx.send(res).is_err() {
                     break;
                 }

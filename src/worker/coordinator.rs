@@ -546,22 +546,13 @@ mod tests {
             scores: Vec<Result<Score, InferError>>,
             out_of_memory: bool,
         ) {
-            self.results
-                .send(InferResult {
-                    keys: req.keys,
-                    scores,
-                    retries: 0,
-                    split_runs: 0,
-                    out_of_memory,
-                    started: Instant::now(),
-                    elapsed: Duration::from_millis(1),
-                    enqueued: req.enqueued,
-                    rows: req.tensors.rows,
-                    seq_len: req.tensors.seq_len,
-                    real_tokens: req.real_tokens,
-                    reason: req.reason,
-                })
-                .unwrap();
+            let out = crate::model::isolate::Isolated {
+                rows: scores,
+                retries: 0,
+                split_runs: 0,
+                out_of_memory,
+            };
+            self.results.send(req.finish(out, Instant::now())).unwrap();
         }
 
         async fn finished(&self, n: usize) -> Vec<(String, Outcome)> {

@@ -639,6 +639,26 @@ pub fn fast_args() -> Vec<String> {
     ]
 }
 
+/// Collects from `topics` until `n` records arrived (or `timeout` passed), stops the worker with
+/// SIGTERM, and asserts a clean exit and exactly `n` records: one per input event.
+pub fn answered_then_stopped(
+    bootstrap: &str,
+    topics: &[&str],
+    w: &mut WorkerProc,
+    n: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let recs = collect(bootstrap, topics, timeout, |r| r.len() >= n);
+    assert_eq!(
+        w.terminate(Duration::from_secs(60)),
+        Some(0),
+        "clean exit on SIGTERM\n{}",
+        w.log_text()
+    );
+    assert_eq!(recs.len(), n, "one record per event\n{}", w.log_text());
+    recs
+}
+
 /// Output records per request id (topic `topic` only).
 pub fn counts_by_request(recs: &[Record], topic: &str) -> HashMap<String, usize> {
     let mut m = HashMap::new();

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::assemble::ModelRef;
 use crate::config::Config;
+use crate::model::isolate::Isolated;
 use crate::model::{InferRequest, InferResult, Score};
 use crate::obs::health::Health;
 use crate::obs::metrics::{Metrics, ModelLabels};
@@ -199,20 +200,13 @@ fn run_pool(
                     logit: 0.0,
                     relevance: 0.5,
                 };
-                let res = InferResult {
-                    scores: vec![Ok(zero); req.tensors.rows],
+                let out = Isolated {
+                    rows: vec![Ok(zero); req.tensors.rows],
                     retries: 0,
                     split_runs: 0,
                     out_of_memory: false,
-                    keys: req.keys,
-                    started,
-                    elapsed: started.elapsed(),
-                    enqueued: req.enqueued,
-                    rows: req.tensors.rows,
-                    seq_len: req.tensors.seq_len,
-                    real_tokens: req.real_tokens,
-                    reason: req.reason,
                 };
+                let res = req.finish(out, started);
                 if result_tx.send(res).is_err() {
                     break;
                 }
