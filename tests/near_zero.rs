@@ -14,15 +14,15 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_reranker"))
 }
 
-#[test]
-fn generated_model_loads_checks_and_scores_deterministically() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("near-zero");
+/// `reranker make-model` from the bundled model's tokenizer into `dir`, which must succeed.
+fn make_model(dir: &std::path::Path, args: &[&str]) {
     let out = bin()
-        .args(["make-model", "--from"])
+        .arg("make-model")
+        .args(args)
+        .arg("--from")
         .arg(common::model_dir())
         .arg("--out")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .expect("run make-model");
     assert!(
@@ -30,6 +30,34 @@ fn generated_model_loads_checks_and_scores_deterministically() {
         "make-model failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `reranker check-model` on `dir`, which must accept it; its report.
+fn check_model(dir: &std::path::Path) -> String {
+    let check = bin()
+        .args([
+            "check-model",
+            "--set",
+            "model.intra_op_threads=1",
+            "--model",
+        ])
+        .arg(dir)
+        .output()
+        .expect("run check-model");
+    let stdout = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        check.status.success(),
+        "check-model rejected the generated model: {stdout}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn generated_model_loads_checks_and_scores_deterministically() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("near-zero");
+    make_model(&dir, &[]);
     for f in ["model.onnx", "tokenizer.json"] {
         assert!(dir.join(f).is_file(), "{f} missing from the generated dir");
     }
@@ -42,36 +70,14 @@ fn generated_model_loads_checks_and_scores_deterministically() {
 
     // Written twice (into a second dir): byte for byte the same file.
     let dir2 = tmp.path().join("again");
-    assert!(bin()
-        .args(["make-model", "--from"])
-        .arg(common::model_dir())
-        .arg("--out")
-        .arg(&dir2)
-        .status()
-        .expect("run make-model")
-        .success());
+    make_model(&dir2, &[]);
     assert_eq!(
         std::fs::read(dir.join("model.onnx")).unwrap(),
         std::fs::read(dir2.join("model.onnx")).unwrap(),
         "make-model is not deterministic"
     );
 
-    let check = bin()
-        .args([
-            "check-model",
-            "--set",
-            "model.intra_op_threads=1",
-            "--model",
-        ])
-        .arg(&dir)
-        .output()
-        .expect("run check-model");
-    let stdout = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        check.status.success(),
-        "check-model rejected the generated model: {stdout}{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let stdout = check_model(&dir);
     assert!(
         stdout.contains("inputs     input_ids, attention_mask, token_type_ids"),
         "{stdout}"
@@ -139,14 +145,7 @@ fn generated_model_loads_checks_and_scores_deterministically() {
 fn bench_runs_the_worker_and_the_python_peer_on_the_same_events() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("near-zero");
-    assert!(bin()
-        .args(["make-model", "--from"])
-        .arg(common::model_dir())
-        .arg("--out")
-        .arg(&dir)
-        .status()
-        .expect("run make-model")
-        .success());
+    make_model(&dir, &[]);
     let out = bin()
         .current_dir(common::repo_root())
         .env("RUST_LOG", "warn")
@@ -185,30 +184,8 @@ fn int32_ids_and_fp16_logits_score_like_int64_and_fp32() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let make = |name: &str, ids: &str, logits: &str| {
         let dir = tmp.path().join(name);
-        let out = bin()
-            .args(["make-model", "--ids", ids, "--logits", logits, "--from"])
-            .arg(common::model_dir())
-            .arg("--out")
-            .arg(&dir)
-            .output()
-            .expect("run make-model");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let check = bin()
-            .args([
-                "check-model",
-                "--set",
-                "model.intra_op_threads=1",
-                "--model",
-            ])
-            .arg(&dir)
-            .output()
-            .expect("run check-model");
-        let stdout = String::from_utf8_lossy(&check.stdout).into_owned();
-        assert!(check.status.success(), "{stdout}");
+        make_model(&dir, &["--ids", ids, "--logits", logits]);
+        let stdout = check_model(&dir);
         assert!(
             stdout.contains(&format!("types      ids {ids}, logits {logits}")),
             "{stdout}"

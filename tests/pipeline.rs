@@ -798,15 +798,7 @@ fn an_interactive_event_overtakes_a_bulk_backlog() {
         .collect();
     inputs[60].headers.push(("priority".into(), b"9".to_vec()));
     rt.block_on(produce(&bs, &t.input, &inputs));
-    let mut w = WorkerProc::spawn(
-        &bs,
-        &t,
-        &[
-            "model.max_length=128".into(),
-            "batch.max_batch_pairs=16".into(),
-            "priority.default=\"bulk\"".into(),
-        ],
-    );
+    let mut w = bulk_by_default(&bs, &t, &[]);
     let recs = answered_then_stopped(
         &bs,
         &[&t.output, &t.dlq],
@@ -837,6 +829,18 @@ fn an_interactive_event_overtakes_a_bulk_backlog() {
     );
 }
 
+/// A worker whose events are bulk unless they say otherwise, with small batches of the real model
+/// (so a backlog lasts), and `extra` settings.
+fn bulk_by_default(bs: &str, t: &Topics, extra: &[String]) -> WorkerProc {
+    let mut args: Vec<String> = vec![
+        "model.max_length=128".into(),
+        "batch.max_batch_pairs=16".into(),
+        "priority.default=\"bulk\"".into(),
+    ];
+    args.extend_from_slice(extra);
+    WorkerProc::spawn(bs, t, &args)
+}
+
 /// Lane-aware backpressure across Kafka: a bulk backlog on partitions 0 and 1 holds the worker at
 /// its bulk threshold, and interactive events (header `priority: 9`) produced to partition 2 one
 /// by one are still fetched at once, not after the backlog has drained to the resume point.
@@ -864,13 +868,10 @@ fn interactive_partitions_keep_fetching_while_bulk_backpressure_pauses_the_rest(
         .map(|(i, e)| Input::json(&format!("b{i}"), e, i as i32 % 2))
         .collect();
     rt.block_on(produce(&bs, &t.input, &inputs));
-    let mut w = WorkerProc::spawn(
+    let mut w = bulk_by_default(
         &bs,
         &t,
         &[
-            "model.max_length=128".into(),
-            "batch.max_batch_pairs=16".into(),
-            "priority.default=\"bulk\"".into(),
             "flow.max_inflight_pairs=400".into(),
             "flow.resume_ratio=0.1".into(),
             format!(
