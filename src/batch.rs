@@ -53,6 +53,24 @@ pub struct BatchPolicy {
     pub max_wait: Duration,
     /// While bulk pairs wait, how many batches in a row may hold none of them.
     pub bulk_max_skips: u32,
+    /// How many pairs a batch built around interactive pairs may hold, bulk fill included: a
+    /// smaller batch runs sooner, and the interactive pairs wait for it.
+    pub interactive_fill: usize,
+}
+
+impl BatchPolicy {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        let max_pairs = cfg.batch.max_batch_pairs;
+        Self {
+            max_pairs,
+            max_tokens: cfg.batch.max_batch_tokens,
+            max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
+            bulk_max_skips: cfg.priority.bulk_max_skipped_batches,
+            interactive_fill: ((max_pairs as f64 * cfg.priority.interactive_batch_fill).ceil()
+                as usize)
+                .clamp(1, max_pairs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,9 +189,17 @@ impl Batcher {
                 return None;
             }
         }
-        let chosen = self.choose(self.select());
+        let selection = self.select();
+        // A batch built around interactive pairs is full at `interactive_fill`.
+        let full = match selection {
+            Selection::InteractiveFirst(_) => {
+                self.policy.interactive_fill.min(self.policy.max_pairs)
+            }
+            _ => self.policy.max_pairs,
+        };
+        let chosen = self.choose(selection);
         let count = chosen.len();
-        let reason = if count >= self.policy.max_pairs {
+        let reason = if count >= full {
             CloseReason::Full
         } else if count < self.pool.len() {
             // Fewer than max_pairs taken although more wait: the token budget stopped the batch.
@@ -273,9 +299,11 @@ impl Batcher {
             }
         }
         let mut chosen = order[best_start..best_end].to_vec();
-        if lane_first && chosen.len() < max_pairs {
+        let fill = self.policy.interactive_fill.min(max_pairs);
+        if lane_first && chosen.len() < fill {
             // Room left: fill it with bulk pairs, closest in length first, no longer than the
-            // interactive pairs (a longer one would make every row of the batch slower).
+            // interactive pairs (a longer one would make every row of the batch slower), up to
+            // `interactive_fill` pairs (a fuller batch would keep the interactive ones longer).
             let seq = lens[best_end - 1];
             let mut first = vec![false; self.pool.len()];
             for &i in &order {
@@ -284,7 +312,7 @@ impl Batcher {
             let mut rest: Vec<usize> = (0..self.pool.len()).filter(|&i| !first[i]).collect();
             rest.sort_by_key(|&i| self.pool[i].pair.len().abs_diff(seq));
             for i in rest {
-                if chosen.len() >= max_pairs {
+                if chosen.len() >= fill {
                     break;
                 }
                 if self.pool[i].pair.len() <= seq && (chosen.len() + 1) * seq <= max_tokens {
@@ -353,6 +381,7 @@ mod tests {
             max_tokens,
             max_wait: Duration::from_millis(wait_ms),
             bulk_max_skips: 2,
+            interactive_fill: max_pairs,
         }
     }
 
@@ -533,6 +562,32 @@ mod tests {
         // The bulk fill is the closest in length to the interactive pairs, and none is longer.
         assert!(batch.pairs.iter().all(|p| p.pair.len() == 22));
         assert_eq!(b.len(), 35);
+    }
+
+    #[test]
+    fn a_batch_built_around_interactive_pairs_holds_at_most_interactive_fill() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Batcher::new(BatchPolicy {
+            interactive_fill: 4,
+            ..policy(8, 100_000, 10)
+        });
+        for i in 0..40 {
+            b.push(bulk(i, 22, t0));
+        }
+        for i in 100..103 {
+            b.push(pair(i, 22, t0 + ms(5)));
+        }
+        let batch = b.poll(t0 + ms(20)).expect("timed out");
+        let interactive = batch.pairs.iter().filter(|p| p.key.event >= 100).count();
+        assert_eq!(
+            (interactive, batch.pairs.len()),
+            (3, 4),
+            "3 interactive + 1 bulk"
+        );
+        assert_eq!(batch.reason, CloseReason::Full);
+        // With no interactive pair left, bulk batches are full again.
+        assert_eq!(b.poll(t0 + ms(20)).expect("full").pairs.len(), 8);
     }
 
     #[test]

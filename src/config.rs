@@ -174,6 +174,10 @@ pub struct PriorityConfig {
     /// The starvation bound: while bulk pairs wait, at most this many batches in a row may hold
     /// none of them; the next one is built around the oldest bulk pair.
     pub bulk_max_skipped_batches: u32,
+    /// A batch built around interactive pairs is filled with bulk pairs up to this share of
+    /// `batch.max_batch_pairs`: the interactive pairs wait for the whole batch, so a smaller one
+    /// answers them sooner, at some cost to the bulk lane's throughput.
+    pub interactive_batch_fill: f64,
 }
 
 impl Default for PriorityConfig {
@@ -183,6 +187,7 @@ impl Default for PriorityConfig {
             default: crate::batch::Lane::Interactive,
             interactive_from: 5,
             bulk_max_skipped_batches: 3,
+            interactive_batch_fill: 1.0,
         }
     }
 }
@@ -654,6 +659,10 @@ impl Config {
         }
         if self.priority.interactive_from > 10 {
             return bad("priority.interactive_from", "must be between 0 and 10");
+        }
+        let fill = self.priority.interactive_batch_fill;
+        if !(fill > 0.0 && fill <= 1.0) {
+            return bad("priority.interactive_batch_fill", "must be in (0, 1]");
         }
         if self.inference.max_retries > 10 {
             return bad(

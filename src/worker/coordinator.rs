@@ -75,12 +75,7 @@ pub struct Wiring<S> {
 impl<S: Sink> Coordinator<S> {
     pub fn new(cfg: &crate::config::Config, w: Wiring<S>) -> Self {
         Self {
-            batcher: Batcher::new(crate::batch::BatchPolicy {
-                max_pairs: cfg.batch.max_batch_pairs,
-                max_tokens: cfg.batch.max_batch_tokens,
-                max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
-                bulk_max_skips: cfg.priority.bulk_max_skipped_batches,
-            }),
+            batcher: Batcher::new(crate::batch::BatchPolicy::from_config(cfg)),
             assembler: Assembler::new(),
             sink: w.sink,
             routes: w.routes,
@@ -439,6 +434,7 @@ mod tests {
                 max_tokens,
                 max_wait,
                 bulk_max_skips: 3,
+                interactive_fill: 8,
             }),
             assembler: Assembler::new(),
             sink: h.sink.clone(),

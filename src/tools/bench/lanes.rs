@@ -201,12 +201,7 @@ pub fn lanes(cfg: &Config, opts: &LanesOptions) -> anyhow::Result<LanesReport> {
         "int-",
     )?
     .split_off(opts.bulk_events);
-    let policy = BatchPolicy {
-        max_pairs: cfg.batch.max_batch_pairs,
-        max_tokens: cfg.batch.max_batch_tokens,
-        max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
-        bulk_max_skips: cfg.priority.bulk_max_skipped_batches,
-    };
+    let policy = BatchPolicy::from_config(cfg);
     let pad_id = tok.pad_id();
     // Warm-up: the first runs of a session are slow.
     run(

@@ -175,6 +175,7 @@ pub fn run(cfg: &Config, opts: &TuneOptions) -> anyhow::Result<TuneReport> {
         max_tokens: cfg.batch.max_batch_tokens,
         max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
         bulk_max_skips: 0,
+        interactive_fill: cfg.batch.max_batch_pairs,
     });
     let cost_n = opts.cost_queries.clamp(1, queries.len());
     eprintln!(
