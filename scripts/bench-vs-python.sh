@@ -2,7 +2,7 @@
 # The worker against a plain Python worker, end to end, on the same events, broker and model:
 #   scripts/bench-vs-python.sh [--events N] [--candidates K] [any other `reranker bench` option]
 # Writes the near-zero-cost model (`reranker make-model`: an embedding lookup, a masked mean and a
-# dot product with the real model's tokenizer) into a temp dir, then runs `reranker bench --model
+# dot product with the real model's tokenizer) into a temp dir, then runs `reranker bench --model-dir
 # DIR --python-peer`, which starts a local tansu, produces SciFact events (default 100 × 100
 # candidates), runs the worker, then scripts/python_peer.py on the same input topic, and prints
 # both pairs/s, both CPU µs/pair and the ratios. Needs: cargo build --release, scripts/setup.sh
@@ -22,5 +22,5 @@ cd "$REPO_ROOT"
 defaults=()
 case " $* " in *" --events"*) ;; *) defaults+=(--events 100) ;; esac
 case " $* " in *" --candidates"*) ;; *) defaults+=(--candidates 100) ;; esac
-"$BIN" bench --model "$dir/near-zero" --python-peer "$REPO_ROOT/scripts/python_peer.py" \
+"$BIN" bench --model-dir "$dir/near-zero" --python-peer "$REPO_ROOT/scripts/python_peer.py" \
   "${defaults[@]}" "$@"

@@ -71,6 +71,11 @@ impl BatchPolicy {
                 .clamp(1, max_pairs),
         }
     }
+
+    /// The pairs a batch built around interactive pairs may hold.
+    fn interactive_batch(&self) -> usize {
+        self.interactive_fill.min(self.max_pairs)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,9 +197,7 @@ impl Batcher {
         let selection = self.select();
         // A batch built around interactive pairs is full at `interactive_fill`.
         let full = match selection {
-            Selection::InteractiveFirst(_) => {
-                self.policy.interactive_fill.min(self.policy.max_pairs)
-            }
+            Selection::InteractiveFirst(_) => self.policy.interactive_batch(),
             _ => self.policy.max_pairs,
         };
         let chosen = self.choose(selection);
@@ -299,7 +302,7 @@ impl Batcher {
             }
         }
         let mut chosen = order[best_start..best_end].to_vec();
-        let fill = self.policy.interactive_fill.min(max_pairs);
+        let fill = self.policy.interactive_batch();
         if lane_first && chosen.len() < fill {
             // Room left: fill it with bulk pairs, closest in length first, no longer than the
             // interactive pairs (a longer one would make every row of the batch slower), up to

@@ -79,9 +79,6 @@ struct MakeModelArgs {
 struct BenchArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Model directory (overrides model.dir), e.g. one written by `reranker make-model`.
-    #[arg(long)]
-    model: Option<PathBuf>,
     /// Benchmark the bare session only (no broker).
     #[arg(long)]
     model_only: bool,
@@ -358,10 +355,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => {
-            let mut cfg = a.config.load()?;
-            if let Some(m) = &a.model {
-                cfg.model.dir = m.clone();
-            }
+            let cfg = a.config.load()?;
             let _telemetry = reranker::obs::telemetry::init(&cfg.log, &cfg.otel)?;
             if a.lanes {
                 let opts = reranker::tools::bench::LanesOptions {

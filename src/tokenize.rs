@@ -134,7 +134,10 @@ fn lean(parts: &[&Encoding], type_id: u32) -> Encoding {
 
 impl PairTokenizer {
     pub fn from_file(path: &Path, max_length: usize) -> anyhow::Result<Self> {
-        let mut tok = Tokenizer::from_file(path)
+        // Read once: parsed here, and hashed into the passage cache's keys.
+        let file = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        let mut tok = Tokenizer::from_bytes(&file)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         // The pad id is the one thing worth keeping from the file's padding section.
         let pad_id = tok.get_padding().map(|p| p.pad_id).unwrap_or(0);
@@ -153,8 +156,6 @@ impl PairTokenizer {
             .post_process(Encoding::default(), Some(Encoding::default()), true)
             .map_err(|e| anyhow::anyhow!("cannot post-process an empty pair: {e}"))?
             .len();
-        let file = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", path.display()))?;
         Ok(Self {
             tok,
             raw,

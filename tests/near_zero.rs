@@ -150,7 +150,7 @@ fn bench_runs_the_worker_and_the_python_peer_on_the_same_events() {
         .current_dir(common::repo_root())
         .env("RUST_LOG", "warn")
         .args(["bench", "--events", "4", "--candidates", "20", "--json"])
-        .args(["--set", "model.intra_op_threads=1", "--model"])
+        .args(["--set", "model.intra_op_threads=1", "--model-dir"])
         .arg(&dir)
         .arg("--python-peer")
         .arg(common::repo_root().join("scripts/python_peer.py"))

@@ -387,10 +387,15 @@ pub struct Backpressure {
 
 impl Backpressure {
     pub fn new(cfg: &Config) -> Self {
-        let high = cfg.flow.max_inflight_pairs;
+        Self::at(cfg.flow.max_inflight_pairs, cfg.flow.resume_ratio)
+    }
+
+    /// Pause at `high` (at least 1), resume at `resume_ratio` of it.
+    pub fn at(high: usize, resume_ratio: f64) -> Self {
+        let high = high.max(1);
         Self {
             high,
-            low: ((high as f64) * cfg.flow.resume_ratio) as usize,
+            low: ((high as f64) * resume_ratio) as usize,
             paused: false,
         }
     }
@@ -420,11 +425,7 @@ impl Flow {
     pub fn new(cfg: &Config) -> Self {
         let all = Backpressure::new(cfg);
         let high = ((all.high as f64) * (1.0 - cfg.flow.interactive_reserve_ratio)) as usize;
-        let bulk = Backpressure {
-            high: high.max(1),
-            low: ((high as f64) * cfg.flow.resume_ratio) as usize,
-            paused: false,
-        };
+        let bulk = Backpressure::at(high, cfg.flow.resume_ratio);
         Self { all, bulk }
     }
 

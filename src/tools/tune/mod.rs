@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::bail;
 use serde::Serialize;
@@ -171,11 +171,8 @@ pub fn run(cfg: &Config, opts: &TuneOptions) -> anyhow::Result<TuneReport> {
     let mut scorer = Scorer::load(&cfg.model, &cfg.model_name())?;
     let info = scorer.info().clone();
     let mut batcher = Batcher::new(BatchPolicy {
-        max_pairs: cfg.batch.max_batch_pairs,
-        max_tokens: cfg.batch.max_batch_tokens,
-        max_wait: Duration::from_millis(cfg.batch.max_wait_ms),
         bulk_max_skips: 0,
-        interactive_fill: cfg.batch.max_batch_pairs,
+        ..BatchPolicy::from_config(cfg)
     });
     let cost_n = opts.cost_queries.clamp(1, queries.len());
     eprintln!(
