@@ -112,9 +112,13 @@ impl<S: Sink> Coordinator<S> {
                 } else {
                     self.batcher.poll(Instant::now())
                 };
-                if let (Some(b), Some(p)) = (batch, permit.take()) {
-                    let links = self.links(&b);
-                    p.send(InferRequest::from_batch(b, self.pad_id, links));
+                // The permit is taken only with a batch: dropping it when no close condition
+                // holds would re-reserve the slot at once, and the loop would spin until one did.
+                if let Some(b) = batch {
+                    if let Some(p) = permit.take() {
+                        let links = self.links(&b);
+                        p.send(InferRequest::from_batch(b, self.pad_id, links));
+                    }
                 }
             }
             self.idle.store(
@@ -589,6 +593,34 @@ mod tests {
         assert_eq!((s.batches, s.pairs_scored), (1, 3));
         // In-flight pairs are given back by the sink on acknowledgement, not here.
         assert_eq!(h.inflight.get(), 3);
+    }
+
+    /// CPU time of the calling thread: the coordinator's, on a current-thread test runtime.
+    fn thread_cpu() -> Duration {
+        // SAFETY: clock_gettime only writes the struct it is given.
+        let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    }
+
+    /// Pairs waiting for `max_wait` with the model's slot free must leave the coordinator parked.
+    /// It once dropped the reserved slot whenever no batch could close, reserved it again at
+    /// once, and spun a core until the batch timed out (on a quiet stream: always).
+    #[tokio::test]
+    async fn pairs_waiting_for_max_wait_do_not_spin_the_coordinator() {
+        let mut h = start(Duration::from_millis(400));
+        h.admit(1, 0, 2);
+        let cpu = thread_cpu();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let used = thread_cpu() - cpu;
+        // Parked, it wakes a handful of times; spinning, it takes whatever share of the 300 ms
+        // the scheduler gives it.
+        assert!(
+            used < Duration::from_millis(30),
+            "coordinator used {used:?} of CPU while waiting"
+        );
+        let req = h.next_batch().await;
+        assert_eq!(req.keys.len(), 2);
     }
 
     #[tokio::test]
