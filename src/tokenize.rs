@@ -9,7 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{
+    Encoding, Model, NormalizedString, Normalizer, OffsetReferential, OffsetType,
+    PreTokenizedString, PreTokenizer, Tokenizer, TruncationDirection, TruncationParams,
+    TruncationStrategy,
+};
 
 use crate::config::LongPassages;
 
@@ -54,6 +60,136 @@ pub struct PairTokenizer {
     /// SHA-256 of the tokenizer file: part of every passage cache key.
     file_hash: [u8; 32],
     cache: Option<PassageCache>,
+    /// Set for BERT-style tokenizers: the text is split and normalized here, word by word, and
+    /// only as far as the truncation limit reads it.
+    words: Option<BertWords>,
+}
+
+/// Encodes one text as the tokenizer does (`BertNormalizer`, then `BertPreTokenizer`, then the
+/// model on each pre-token, stopping at the truncation limit) without its per-character
+/// bookkeeping: the library normalizes and splits the whole text, tracking every byte's
+/// alignment and looking up each character's Unicode category, before the limit stops the model,
+/// and that was most of the host path's CPU on passages longer than `max_length` tokens.
+///
+/// Both steps act on one character at a time and split at whitespace, so the text is cut at
+/// ASCII whitespace first: a chunk of printable ASCII is lowercased and split at punctuation here
+/// (exactly what they do to such characters), any other chunk goes through the library's own
+/// normalizer and pre-tokenizer, and the words go to the model in order until the limit.
+/// Texts holding an added token's content (e.g. `[SEP]`) take the library's path, which
+/// extracts those tokens first. `tests/tokenize.rs` checks the ids against whole-pair encoding.
+struct BertWords {
+    normalizer: NormalizerWrapper,
+    pre_tokenizer: PreTokenizerWrapper,
+    lowercase: bool,
+    /// Contents of the added tokens, matched on the raw text.
+    added: Vec<String>,
+}
+
+impl BertWords {
+    /// `Some` when the tokenizer is BERT-style: `BertNormalizer`, `BertPreTokenizer`, and added
+    /// tokens matched before normalization only.
+    fn detect(tok: &Tokenizer) -> Option<Self> {
+        let normalizer = tok.get_normalizer()?.clone();
+        let NormalizerWrapper::BertNormalizer(bert) = &normalizer else {
+            return None;
+        };
+        let lowercase = bert.lowercase;
+        let pre_tokenizer = tok.get_pre_tokenizer()?.clone();
+        if !matches!(pre_tokenizer, PreTokenizerWrapper::BertPreTokenizer(_)) {
+            return None;
+        }
+        let decoder = tok.get_added_tokens_decoder();
+        if decoder.values().any(|t| t.normalized) {
+            return None;
+        }
+        let added = decoder.into_values().map(|t| t.content).collect();
+        Some(Self {
+            normalizer,
+            pre_tokenizer,
+            lowercase,
+            added,
+        })
+    }
+
+    /// The ids of `text` up to the first pre-token that reaches `limit` (all of them past it, as
+    /// `tokenize_with_limit` keeps them); `None` when the text holds an added token.
+    fn ids(
+        &self,
+        model: &impl Model,
+        text: &str,
+        limit: usize,
+    ) -> anyhow::Result<Option<Vec<u32>>> {
+        if self.added.iter().any(|a| text.contains(a.as_str())) {
+            return Ok(None);
+        }
+        let err = |e| anyhow::anyhow!("tokenization failed: {e}");
+        let mut ids = Vec::new();
+        let push = |word: &str, ids: &mut Vec<u32>| -> anyhow::Result<bool> {
+            ids.extend(model.tokenize(word).map_err(err)?.iter().map(|t| t.id));
+            Ok(ids.len() >= limit)
+        };
+        let mut lower = String::new();
+        for chunk in text.split([' ', '\t', '\n', '\r']) {
+            if chunk.is_empty() {
+                continue;
+            }
+            if chunk.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                let chunk = if self.lowercase {
+                    lower.clear();
+                    lower.push_str(chunk);
+                    lower.make_ascii_lowercase();
+                    lower.as_str()
+                } else {
+                    chunk
+                };
+                // Punctuation is a pre-token of its own; the letters between make the others.
+                let mut start = 0;
+                for (i, b) in chunk.bytes().enumerate() {
+                    if b.is_ascii_punctuation() {
+                        if start < i && push(&chunk[start..i], &mut ids)? {
+                            return Ok(Some(ids));
+                        }
+                        if push(&chunk[i..i + 1], &mut ids)? {
+                            return Ok(Some(ids));
+                        }
+                        start = i + 1;
+                    }
+                }
+                if start < chunk.len() && push(&chunk[start..], &mut ids)? {
+                    return Ok(Some(ids));
+                }
+            } else {
+                let mut n = NormalizedString::from(chunk);
+                self.normalizer.normalize(&mut n).map_err(err)?;
+                let mut pre = PreTokenizedString::from(n);
+                self.pre_tokenizer.pre_tokenize(&mut pre).map_err(err)?;
+                for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
+                    if push(word, &mut ids)? {
+                        return Ok(Some(ids));
+                    }
+                }
+            }
+        }
+        Ok(Some(ids))
+    }
+}
+
+/// An encoding of bare ids, without token strings: what post-processing reads. Without offsets
+/// (`encode_fast`) the library's own has no words, zero offsets and no special tokens either.
+fn from_ids(ids: Vec<u32>, type_id: u32) -> Encoding {
+    let len = ids.len();
+    Encoding::new(
+        ids,
+        vec![type_id; len],
+        // Empty strings do not allocate; the ids are what the model reads.
+        vec![String::new(); len],
+        vec![None; len],
+        vec![(0, 0); len],
+        vec![0; len],
+        vec![1; len],
+        Vec::new(),
+        Default::default(),
+    )
 }
 
 /// Passage encodings kept across events and replays (`pipeline.passage_cache_mb`): RAG corpora
@@ -101,37 +237,6 @@ impl EncodedQuery {
     }
 }
 
-/// `parts` (an encoding and its overflow, stride 0) joined back, without token strings: what
-/// post-processing needs, at the cost of a few flat vectors. `type_id` is the one `encode` gives
-/// that side of a pair.
-fn lean(parts: &[&Encoding], type_id: u32) -> Encoding {
-    let len = parts.iter().map(|e| e.len()).sum();
-    let mut ids = Vec::with_capacity(len);
-    let mut words = Vec::with_capacity(len);
-    let mut offsets = Vec::with_capacity(len);
-    let mut special = Vec::with_capacity(len);
-    let mut mask = Vec::with_capacity(len);
-    for e in parts {
-        ids.extend_from_slice(e.get_ids());
-        words.extend_from_slice(e.get_word_ids());
-        offsets.extend_from_slice(e.get_offsets());
-        special.extend_from_slice(e.get_special_tokens_mask());
-        mask.extend_from_slice(e.get_attention_mask());
-    }
-    Encoding::new(
-        ids,
-        vec![type_id; len],
-        // Empty strings do not allocate; the ids are what the model reads.
-        vec![String::new(); len],
-        words,
-        offsets,
-        special,
-        mask,
-        Vec::new(),
-        Default::default(),
-    )
-}
-
 impl PairTokenizer {
     pub fn from_file(path: &Path, max_length: usize) -> anyhow::Result<Self> {
         // Read once: parsed here, and hashed into the passage cache's keys.
@@ -156,7 +261,9 @@ impl PairTokenizer {
             .post_process(Encoding::default(), Some(Encoding::default()), true)
             .map_err(|e| anyhow::anyhow!("cannot post-process an empty pair: {e}"))?
             .len();
+        let words = BertWords::detect(&raw);
         Ok(Self {
+            words,
             tok,
             raw,
             pad_id,
@@ -238,17 +345,30 @@ impl PairTokenizer {
     /// One side of a pair, encoded alone exactly as `encode` encodes it inside the pair.
     fn side(&self, text: &str, type_id: u32) -> anyhow::Result<Encoding> {
         let err = |e| anyhow::anyhow!("tokenization failed: {e}");
+        if let Some(w) = &self.words {
+            // Unlimited in `chunk_max` mode, where the raw tokenizer reads the whole text.
+            let limit = match self.chunking {
+                Some(_) => usize::MAX,
+                None => self.max_length,
+            };
+            if let Some(ids) = w.ids(self.raw.get_model(), text, limit)? {
+                return Ok(from_ids(ids, type_id));
+            }
+        }
         if self.chunking.is_some() {
             let e = self.raw.encode_fast(text, false).map_err(err)?;
-            return Ok(lean(&[&e], type_id));
+            return Ok(from_ids(e.get_ids().to_vec(), type_id));
         }
         // The truncating tokenizer stops tokenizing a text near `max_length` tokens (tokenizers
         // 0.23 `tokenize_with_limit`), and longest-first truncation of the pair depends on those
         // capped lengths, so each side goes through it too. Encoding a single text then also cuts
         // it to `max_length`, which encoding the pair does not: its overflow is joined back.
         let e = self.tok.encode_fast(text, false).map_err(err)?;
-        let parts: Vec<&Encoding> = std::iter::once(&e).chain(e.get_overflowing()).collect();
-        Ok(lean(&parts, type_id))
+        let ids = std::iter::once(&e)
+            .chain(e.get_overflowing())
+            .flat_map(|p| p.get_ids().iter().copied())
+            .collect();
+        Ok(from_ids(ids, type_id))
     }
 
     /// Encodes an event's query, once for all its candidates.
@@ -343,6 +463,11 @@ impl PairTokenizer {
             truncated: q_truncated,
             chunked,
         })
+    }
+
+    /// True when texts are split and normalized by `BertWords` rather than by the library.
+    pub fn splits_words_itself(&self) -> bool {
+        self.words.is_some()
     }
 
     pub fn pad_id(&self) -> u32 {

@@ -118,6 +118,71 @@ fn scifact_pairs_make_the_same_chunk_max_windows_once_and_whole() {
     assert!(chunked > 1000);
 }
 
+/// Pieces hostile text is made of: what the BERT normalizer removes, maps or splits (control
+/// characters, Unicode whitespace, accents precomposed and combining, CJK, ASCII and Unicode
+/// punctuation, U+FFFD), the added tokens' contents inside and between words, a word past
+/// WordPiece's 100-character limit, and plain words.
+const PIECES: &[&str] = &[
+    "the", "Protein", "p53", "IL-6", "x", "don't", "α-helix", "naïve", "Cafe\u{301}", "ÉCOLE",
+    "straße", "İstanbul", "ǅ", "野口里佳", "日本語", "한국어", "😀", "e=mc²", "μm", "±3.5%",
+    "[SEP]", "[CLS]x", "a[MASK]b", "[sep]", "[UNK", "\u{0}", "\u{1}", "\u{7f}", "\u{b}", "\u{c}",
+    "\u{ad}", "\u{200b}", "\u{feff}", "\u{fffd}", "\u{301}", "\u{a0}", "\u{3000}", "\u{2028}",
+    "\u{85}", "—", "“quoted”", "¿qué?", "$", "^", "`", "|", "~", "<>", "...", "((", "))",
+    "a!b\"c#d$e%f&g'h(i)j*k+l,m-n.o/p0q1r2s3t4u5v6w7x8y9z:A;B<C=D>E?F@G[H\\I]J^K_L`M{N|O}P~Q",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+];
+const GLUE: &[&str] = &[" ", "", "  ", "\t", "\n", "\r\n", " \u{a0}", "-", "\u{301}"];
+
+/// A deterministic xorshift: the same texts on every run.
+fn hostile_texts(seed: u64, n: usize, max_pieces: usize) -> Vec<String> {
+    let mut x = seed;
+    let mut next = move |m: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % m as u64) as usize
+    };
+    (0..n)
+        .map(|_| {
+            let k = next(max_pieces + 1);
+            let mut s = String::new();
+            for _ in 0..k {
+                s.push_str(PIECES[next(PIECES.len())]);
+                s.push_str(GLUE[next(GLUE.len())]);
+            }
+            s
+        })
+        .collect()
+}
+
+/// The tokenizer's own normalizer and pre-tokenizer are bypassed for BERT-style tokenizers
+/// (`BertWords`); on text built to break that, the ids must still be the library's, in both
+/// long-passage modes, at budgets that cut the query, the passage or both.
+#[test]
+fn hostile_text_encodes_the_same_once_and_whole() {
+    let queries = hostile_texts(0x9e37_79b9_7f4a_7c15, 60, 12);
+    let passages = hostile_texts(0xd1b5_4a32_d192_ed03, 60, 120);
+    let events: Vec<(String, Vec<String>)> =
+        queries.into_iter().map(|q| (q, passages.clone())).collect();
+    for (max_length, mode) in [
+        (8, LongPassages::Truncate),
+        (33, LongPassages::Truncate),
+        (128, LongPassages::Truncate),
+        (512, LongPassages::Truncate),
+        (48, LongPassages::ChunkMax),
+    ] {
+        let tok = tokenizer(max_length, mode);
+        // Otherwise this compares the library with itself.
+        assert!(tok.splits_words_itself());
+        let (pairs, truncated, _) = same_both_ways(&tok, &events);
+        // 512 leaves most of these texts whole: the path where no limit stops the words.
+        assert!(
+            pairs == 3600 && (truncated > 0 || max_length == 512),
+            "{max_length} {mode:?}: {truncated}"
+        );
+    }
+}
+
 #[test]
 fn longest_first_cuts_both_sides_when_both_are_long() {
     let tok = tokenizer(33, LongPassages::Truncate); // 30 tokens to share between the sides
