@@ -142,21 +142,10 @@ impl BertWords {
                 } else {
                     chunk
                 };
-                // Punctuation is a pre-token of its own; the letters between make the others.
-                let mut start = 0;
-                for (i, b) in chunk.bytes().enumerate() {
-                    if b.is_ascii_punctuation() {
-                        if start < i && push(&chunk[start..i], &mut ids)? {
-                            return Ok(Some(ids));
-                        }
-                        if push(&chunk[i..i + 1], &mut ids)? {
-                            return Ok(Some(ids));
-                        }
-                        start = i + 1;
+                for word in ascii_words(chunk) {
+                    if push(word, &mut ids)? {
+                        return Ok(Some(ids));
                     }
-                }
-                if start < chunk.len() && push(&chunk[start..], &mut ids)? {
-                    return Ok(Some(ids));
                 }
             } else {
                 let mut n = NormalizedString::from(chunk);
@@ -172,6 +161,25 @@ impl BertWords {
         }
         Ok(Some(ids))
     }
+}
+
+/// The pre-tokens of a printable-ASCII chunk: each punctuation mark on its own, the runs of other
+/// characters between them.
+fn ascii_words(chunk: &str) -> impl Iterator<Item = &str> {
+    let mut rest = chunk;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = match rest.bytes().position(|b| b.is_ascii_punctuation()) {
+            Some(0) => 1,
+            Some(i) => i,
+            None => rest.len(),
+        };
+        let (word, tail) = rest.split_at(end);
+        rest = tail;
+        Some(word)
+    })
 }
 
 /// An encoding of bare ids, without token strings: what post-processing reads. Without offsets
